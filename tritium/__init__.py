@@ -1,0 +1,7 @@
+"""tritium: autotuned Triton kernels for Gemma 2, GLM-4, MVP, BigBird-Pegasus and
+BertGeneration. The functional API lives here; the logic lives in `tritium.kernels`."""
+
+from tritium.kernels.attention import flash_attention
+
+__all__ = ["flash_attention"]
+__version__ = "0.1.0"

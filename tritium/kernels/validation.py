@@ -1,0 +1,54 @@
+"""Input checks shared by every op: run before any launch, raise errors that name the
+argument, what it got and what it expects. A Triton compile error is never the answer a
+user sees for bad input."""
+
+from __future__ import annotations
+
+import torch
+
+from tritium.runtime import interpreted
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(name: str, x, *, shape: str, ndim: int, dtypes=FLOAT_DTYPES) -> None:
+    """x must be a tensor of rank `ndim` (described by `shape`) with a dtype in `dtypes`."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape {shape}, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor {shape}, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {_dtype_names(dtypes)}, got {x.dtype}")
+    check_device(name, x)
+
+
+def check_device(name: str, x: torch.Tensor) -> None:
+    """x must live where kernels run: CUDA, or the CPU under the Triton interpreter."""
+    if x.device.type == "cuda" or (x.device.type == "cpu" and interpreted()):
+        return
+    hint = (
+        "set TRITON_INTERPRET=1 before importing tritium to run kernels on the CPU"
+        if x.device.type == "cpu"
+        else "move it to a CUDA device"
+    )
+    raise ValueError(f"{name}: tensor is on {x.device}; tritium kernels need a CUDA device ({hint})")
+
+
+def check_like(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """x must share ref's dtype and device."""
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name}: dtype {x.dtype} differs from {ref_name}'s {ref.dtype}; they must match")
+    if x.device != ref.device:
+        raise ValueError(f"{name}: device {x.device} differs from {ref_name}'s {ref.device}; they must match")
+
+
+def check_dim(name: str, x: torch.Tensor, dim: int, expected: int, what: str) -> None:
+    """x.shape[dim] must equal `expected` (described by `what`)."""
+    if x.shape[dim] != expected:
+        raise ValueError(
+            f"{name}: expected {what} = {expected} at dim {dim}, got shape {tuple(x.shape)}"
+        )

@@ -1,0 +1,15 @@
+"""Where tritium's kernels run: compiled on a CUDA device, or under the Triton interpreter.
+
+Triton decides between the two when a kernel is decorated, so the choice is read once, at
+import, from TRITON_INTERPRET (the test setup and the benchmark runner set it before
+importing triton when no GPU is present).
+"""
+
+import os
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreted() -> bool:
+    """True when kernels run under the Triton interpreter (CPU tensors, slow, for testing)."""
+    return INTERPRETED
