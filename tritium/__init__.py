@@ -2,6 +2,7 @@
 BertGeneration. The functional API lives here; the logic lives in `tritium.kernels`."""
 
 from tritium.kernels.attention import flash_attention
+from tritium.kernels.attention_kvcache import flash_attention_with_kvcache
 
-__all__ = ["flash_attention"]
+__all__ = ["flash_attention", "flash_attention_with_kvcache"]
 __version__ = "0.1.0"

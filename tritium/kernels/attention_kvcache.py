@@ -1,0 +1,247 @@
+"""KV-cache attention for decode: append new keys/values to a preallocated cache and attend
+to it with split-KV, so that one sequence at 32k context still fills the GPU.
+
+The attention itself is `attention._attn_fwd_kernel` with the q heads of a GQA group packed
+into the rows of one tile (each cached key is read once per group) and the key range cut
+into splits whose partial results `_combine_kernel` merges by their log-sum-exp.
+Free of host syncs under CUDA-graph capture and torch.compile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from tritium import autotune
+from tritium.kernels.attention import (
+    _dtype_name,
+    check_attention_args,
+    launch_forward,
+)
+from tritium.kernels.validation import check_dim, check_like, check_tensor
+from tritium.runtime import interpreted
+
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _append_kernel(
+    KCache, VCache, K, V, CacheSeqlens, seqlen_new, max_seqlen, heads_kv,
+    stride_cb, stride_cn, stride_ch, stride_cd,
+    stride_vcb, stride_vcn, stride_vch, stride_vcd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Copy k/v (batch, seqlen_new, heads_kv, d) into the caches at rows cache_seqlens[b] + t.
+    Rows past max_seqlen are dropped (the host rejects them before launch when it may sync)."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads_kv).to(tl.int64)
+    h = pid_bh % heads_kv
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    dst = tl.load(CacheSeqlens + b).to(tl.int64) + t
+    ok = ((t < seqlen_new) & (dst < max_seqlen))[:, None] & (d < HEAD_DIM)[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + t[:, None] * stride_kn + d[None, :] * stride_kd, mask=ok)
+    v = tl.load(V + b * stride_vb + h * stride_vh + t[:, None] * stride_vn + d[None, :] * stride_vd, mask=ok)
+    tl.store(KCache + b * stride_cb + h * stride_ch + dst[:, None] * stride_cn + d[None, :] * stride_cd, k, mask=ok)
+    tl.store(VCache + b * stride_vcb + h * stride_vch + dst[:, None] * stride_vcn + d[None, :] * stride_vcd, v, mask=ok)
+
+
+@triton.jit
+def _combine_kernel(
+    OutPart, LsePart, Out, Lse, num_splits, seqlen_q, heads_q,
+    stride_ps, stride_pb, stride_pm, stride_ph,
+    stride_ls, stride_lb, stride_lh,
+    stride_ob, stride_om, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Merge the splits of one (batch, query, head) row: weights exp(lse_s - lse)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    t = pid // heads_q
+    h = pid % heads_q
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_ok = s < num_splits
+    lse_s = tl.load(LsePart + s * stride_ls + b * stride_lb + h * stride_lh + t, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)
+    total = tl.sum(w, 0)
+    part = tl.load(
+        OutPart + s[:, None] * stride_ps + b * stride_pb + t * stride_pm + h * stride_ph + d[None, :],
+        mask=s_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0,
+    )
+    out = tl.sum(w[:, None] * part, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(Out + b * stride_ob + t * stride_om + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=d < HEAD_DIM)
+    lse = tl.where(total == 0.0, float("-inf"), m_safe + tl.log(tl.where(total == 0.0, 1.0, total)))
+    tl.store(Lse + (b * heads_q + h) * seqlen_q + t, lse)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _choose_splits(q: torch.Tensor, heads_kv: int, max_seqlen: int, pack: int) -> int:
+    """Enough splits that batch x kv heads x splits programs cover the SMs twice; 1 when the
+    batch already does. Depends only on shapes, so it is safe in CUDA-graph capture."""
+    block_n = autotune.lookup("attention_fwd", head_dim=q.shape[-1], dtype=_dtype_name(q.dtype), pack=pack).meta["BLOCK_N"]
+    n_blocks = triton.cdiv(max_seqlen, block_n)
+    if interpreted():  # exercise the split path on small CPU shapes too
+        return max(1, min(4, n_blocks))
+    programs = q.shape[0] * heads_kv * triton.cdiv(q.shape[1] * pack, 16)
+    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), n_blocks, MAX_SPLITS))
+
+
+def _append(k_cache, v_cache, k, v, cache_seqlens):
+    batch, seqlen_new, heads_kv, head_dim = k.shape
+    block_t = 16
+    _append_kernel[(triton.cdiv(seqlen_new, block_t), batch * heads_kv)](
+        k_cache, v_cache, k, v, cache_seqlens, seqlen_new, k_cache.shape[1], heads_kv,
+        *k_cache.stride(), *v_cache.stride(), *k.stride(), *v.stride(),
+        HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), BLOCK_T=block_t,
+    )
+
+
+@torch.library.custom_op("tritium::flash_attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
+def _kvcache_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    k: torch.Tensor | None, v: torch.Tensor | None, window_left: int, window_right: int,
+    softcap: float, softmax_scale: float, num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    max_seqlen, heads_kv = k_cache.shape[1], k_cache.shape[2]
+    seqlens_k = cache_seqlens.to(torch.int32)
+    if k is not None:
+        _append(k_cache, v_cache, k, v, seqlens_k)
+        seqlens_k = (seqlens_k + k.shape[1]).clamp_(max=max_seqlen)
+    group = heads_q // heads_kv
+    # Pack the GQA group into the tile rows while the rows stay few (decode); a long chunk
+    # of new queries fills tiles on its own.
+    pack = group if seqlen_q * group <= 64 else 1
+    splits = num_splits or _choose_splits(q, heads_kv, max_seqlen, pack)
+    block_n = autotune.lookup("attention_fwd", head_dim=head_dim, dtype=_dtype_name(q.dtype), pack=pack).meta["BLOCK_N"]
+    split_len = triton.cdiv(triton.cdiv(max_seqlen, block_n), splits) * block_n
+    splits = triton.cdiv(max_seqlen, split_len) if max_seqlen else 1
+    out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    options = dict(
+        key_padding_mask=None, seqlens_k=seqlens_k, window_left=window_left, window_right=window_right,
+        softcap=softcap, scale=softmax_scale, max_seqlen_k=max_seqlen, pack=pack,
+    )
+    if splits == 1:
+        launch_forward(q, k_cache, v_cache, out, lse, **options)
+        return out, lse
+    out_part = torch.empty((splits, batch, seqlen_q, heads_q, head_dim), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((splits, batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    launch_forward(q, k_cache, v_cache, out_part, lse_part, num_splits=splits, split_len=split_len, **options)
+    _combine_kernel[(seqlen_q * heads_q, batch)](
+        out_part, lse_part, out, lse, splits, seqlen_q, heads_q,
+        *out_part.stride()[:4], *lse_part.stride()[:3], *out.stride()[:3],
+        HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
+        BLOCK_S=triton.next_power_of_2(splits),
+    )
+    return out, lse
+
+
+@_kvcache_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k, v, window_left, window_right, softcap, softmax_scale, num_splits):
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
+
+
+def _check_cache_args(q, k_cache, cache_seqlens, k, v) -> torch.Tensor:
+    """Validate the cache-specific arguments; returns cache_seqlens as an int32 tensor."""
+    batch, max_seqlen = q.shape[0], k_cache.shape[1]
+    if (k is None) != (v is None):
+        raise ValueError("k, v: give both new keys and new values, or neither")
+    seqlen_new = 0
+    if k is not None:
+        for name, x in (("k", k), ("v", v)):
+            check_tensor(name, x, shape="(batch, seqlen_new, heads_kv, head_dim)", ndim=4)
+            check_like(name, x, "q", q)
+            if (x.shape[0], x.shape[2], x.shape[3]) != (batch, *k_cache.shape[2:]):
+                raise ValueError(
+                    f"{name}: expected shape (batch, seqlen_new, heads_kv, head_dim) = "
+                    f"({batch}, *, {k_cache.shape[2]}, {k_cache.shape[3]}), got {tuple(x.shape)}"
+                )
+        check_dim("v", v, 1, k.shape[1], "seqlen_new (as k)")
+        seqlen_new = k.shape[1]
+        if seqlen_new > max_seqlen:
+            raise ValueError(f"k: {seqlen_new} new tokens do not fit a cache of max_seqlen {max_seqlen}")
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        if not 0 <= cache_seqlens <= max_seqlen - seqlen_new:
+            raise ValueError(
+                f"cache_seqlens: {cache_seqlens} cached + {seqlen_new} new tokens do not fit "
+                f"max_seqlen {max_seqlen} (expected 0 <= cache_seqlens <= {max_seqlen - seqlen_new})"
+            )
+        return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    check_tensor("cache_seqlens", cache_seqlens, shape="(batch,)", ndim=1, dtypes=(torch.int32, torch.int64))
+    check_dim("cache_seqlens", cache_seqlens, 0, batch, "batch")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens: device {cache_seqlens.device} differs from q's {q.device}")
+    if not _in_capture():
+        # A data-dependent check needs the values on the host: done whenever a sync is
+        # allowed. Under capture the kernels still never write or read past max_seqlen.
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi + seqlen_new > max_seqlen:
+            raise ValueError(
+                f"cache_seqlens: values in [{lo}, {hi}] with {seqlen_new} new tokens do not fit "
+                f"max_seqlen {max_seqlen} (expected 0 <= cache_seqlens <= {max_seqlen - seqlen_new})"
+            )
+    return cache_seqlens
+
+
+def _in_capture() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def flash_attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor | int,
+    *,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    causal: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    num_splits: int | None = None,
+):
+    """Attention of new queries against a preallocated KV cache (inference; no backward).
+
+    q: (batch, seqlen_q, heads_q, head_dim); k_cache, v_cache: (batch, max_seqlen, heads_kv,
+    head_dim), updated in place; cache_seqlens: int32/int64 (batch,) or int, the number of
+    tokens already cached per sequence (not updated: the caller advances it).
+    k, v: optional new (batch, seqlen_new, heads_kv, head_dim), written into the cache at
+    rows cache_seqlens[b] .. + seqlen_new before attending; sequence b then attends to its
+    first cache_seqlens[b] + seqlen_new keys. causal/window/softcap/softmax_scale as in
+    `flash_attention`, with query i at position i + seqlen_k[b] - seqlen_q.
+    num_splits: key-range splits (None = enough to fill the GPU).
+
+    Returns out (batch, seqlen_q, heads_q, head_dim), and lse (batch, heads_q, seqlen_q)
+    float32 with return_lse.
+    """
+    left, right, scale = check_attention_args(
+        q, k_cache, v_cache, causal=causal, window_size=window_size, softcap=softcap,
+        softmax_scale=softmax_scale, k_name="k_cache", v_name="v_cache",
+    )
+    seqlens = _check_cache_args(q, k_cache, cache_seqlens, k, v)
+    if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
+        raise ValueError(f"num_splits: expected None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    out, lse = _kvcache_op(q, k_cache, v_cache, seqlens, k, v, left, right, float(softcap), scale, num_splits or 0)
+    return (out, lse) if return_lse else out
