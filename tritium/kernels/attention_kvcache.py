@@ -10,17 +10,15 @@ Free of host syncs under CUDA-graph capture and torch.compile.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from tritium import autotune
-from tritium.kernels.attention import (
-    _dtype_name,
-    check_attention_args,
-    launch_forward,
-)
+from tritium.kernels.attention import check_attention_args, launch_forward
+from tritium.kernels.online_softmax import dtype_name, head_block
 from tritium.kernels.validation import check_dim, check_like, check_tensor
 from tritium.runtime import interpreted
 
@@ -91,7 +89,7 @@ def _sm_count(device_index: int) -> int:
 def _choose_splits(q: torch.Tensor, heads_kv: int, max_seqlen: int, pack: int) -> int:
     """Enough splits that batch x kv heads x splits programs cover the SMs twice; 1 when the
     batch already does. Depends only on shapes, so it is safe in CUDA-graph capture."""
-    block_n = autotune.lookup("attention_fwd", head_dim=q.shape[-1], dtype=_dtype_name(q.dtype), pack=pack).meta["BLOCK_N"]
+    block_n = autotune.lookup("attention_fwd", head_dim=q.shape[-1], dtype=dtype_name(q.dtype), pack=pack).meta["BLOCK_N"]
     n_blocks = triton.cdiv(max_seqlen, block_n)
     if interpreted():  # exercise the split path on small CPU shapes too
         return max(1, min(4, n_blocks))
@@ -108,14 +106,14 @@ def _append(k_cache, v_cache, k, v, cache_seqlens):
     _append_kernel[(triton.cdiv(seqlen_new, block_t), batch * heads_kv)](
         k_cache, v_cache, k, v, cache_seqlens, seqlen_new, k_cache.shape[1], heads_kv,
         *k_cache.stride(), *v_cache.stride(), *k.stride(), *v.stride(),
-        HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), BLOCK_T=block_t,
+        HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_T=block_t,
     )
 
 
 @torch.library.custom_op("tritium::flash_attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
 def _kvcache_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-    k: torch.Tensor | None, v: torch.Tensor | None, window_left: int, window_right: int,
+    k: Optional[torch.Tensor], v: Optional[torch.Tensor], window_left: int, window_right: int,
     softcap: float, softmax_scale: float, num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, seqlen_q, heads_q, head_dim = q.shape
@@ -129,7 +127,7 @@ def _kvcache_op(
     # of new queries fills tiles on its own.
     pack = group if seqlen_q * group <= 64 else 1
     splits = num_splits or _choose_splits(q, heads_kv, max_seqlen, pack)
-    block_n = autotune.lookup("attention_fwd", head_dim=head_dim, dtype=_dtype_name(q.dtype), pack=pack).meta["BLOCK_N"]
+    block_n = autotune.lookup("attention_fwd", head_dim=head_dim, dtype=dtype_name(q.dtype), pack=pack).meta["BLOCK_N"]
     split_len = triton.cdiv(triton.cdiv(max_seqlen, block_n), splits) * block_n
     splits = triton.cdiv(max_seqlen, split_len) if max_seqlen else 1
     out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device)
@@ -147,7 +145,7 @@ def _kvcache_op(
     _combine_kernel[(seqlen_q * heads_q, batch)](
         out_part, lse_part, out, lse, splits, seqlen_q, heads_q,
         *out_part.stride()[:4], *lse_part.stride()[:3], *out.stride()[:3],
-        HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
+        HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
         BLOCK_S=triton.next_power_of_2(splits),
     )
     return out, lse

@@ -1,0 +1,276 @@
+"""Flash attention backward: dQ, and dK/dV summed over each GQA group inside one program
+(deterministic, no atomics). P is recomputed from the forward's lse with the same span,
+mask and score helpers as the forward pass."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tritium import autotune
+from tritium.kernels.online_softmax import (
+    _logits,
+    _lse_log2,
+    _span,
+    _visible,
+    dot_precision,
+    dtype_name,
+    head_block,
+    score_scales,
+    window_reach,
+)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    Out, DOut, Delta, seqlen_q, heads_q,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_db, stride_dm, stride_dh, stride_dd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Delta[b, h, i] = sum_d Out * dOut (float32), the softmax-gradient row term."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads_q).to(tl.int64)
+    h = pid_bh % heads_q
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od, mask=ok, other=0.0)
+    do = tl.load(DOut + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + offs_d[None, :] * stride_dd, mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * seqlen_q + rows, delta, mask=rows < seqlen_q)
+
+
+@triton.jit
+def _bwd_dq_blocks(
+    dq, q, do, lse2, delta, k_base, v_base, km_base, start, end,
+    pos, seqlen_k, left, right, qk_scale, cap_log2,
+    stride_kn, stride_vn, stride_mn, offs_n, koffs_d, voffs_d, d_ok,
+    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dq += dS @ K over key blocks [start, end), recomputing P from lse."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        kv_ok = (cols[:, None] < seqlen_k) & d_ok[None, :]
+        k = tl.load(k_base + koffs_d[None, :] + cols[:, None] * stride_kn, mask=kv_ok, other=0.0)
+        v = tl.load(v_base + voffs_d[None, :] + cols[:, None] * stride_vn, mask=kv_ok, other=0.0)
+        s, t = _logits(q, tl.trans(k), qk_scale, cap_log2, SOFTCAP, PRECISION)
+        if MASKED:
+            s = tl.where(_visible(pos[:, None], cols[None, :], left, right, seqlen_k), s, float("-inf"))
+        if HAS_KEY_MASK:
+            keep = tl.load(km_base + cols * stride_mn, mask=cols < seqlen_k, other=0)
+            s = tl.where(keep[None, :] != 0, s, float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ, KeyMask,
+    sm_scale, qk_scale, cap_log2, seqlen_q, seqlen_k, window_left, window_right, heads_q, group,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_db, stride_dm, stride_dh, stride_dd,
+    stride_mb, stride_mn,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ for BLOCK_M query rows of one head: the forward's loop with the gradient inside.
+    DQ is contiguous (batch, seqlen_q, heads_q, head_dim)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads_q).to(tl.int64)
+    h = pid_bh % heads_q
+    kv_head = h // group
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = rows < seqlen_q
+    ok = row_ok[:, None] & d_ok[None, :]
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=ok, other=0.0)
+    do = tl.load(DOut + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + offs_d[None, :] * stride_dd, mask=ok, other=0.0)
+    lse2 = _lse_log2(Lse + pid_bh.to(tl.int64) * seqlen_q, rows, row_ok)
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=0.0)
+
+    shift = seqlen_k - seqlen_q
+    pos = rows + shift
+    last = tl.minimum((pid_m + 1) * BLOCK_M, seqlen_q) - 1 + shift
+    lo, full_lo, full_hi, hi = _span(pid_m * BLOCK_M + shift, last, window_left, window_right, seqlen_k, BLOCK_N)
+    k_base = K + b * stride_kb + kv_head * stride_kh
+    v_base = V + b * stride_vb + kv_head * stride_vh
+    km_base = KeyMask + b * stride_mb
+    koffs_d = offs_d * stride_kd
+    voffs_d = offs_d * stride_vd
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _bwd_dq_blocks(dq, q, do, lse2, delta, k_base, v_base, km_base, lo, full_lo, pos, seqlen_k,
+                        window_left, window_right, qk_scale, cap_log2, stride_kn, stride_vn, stride_mn,
+                        offs_n, koffs_d, voffs_d, d_ok, True, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_N)
+    dq = _bwd_dq_blocks(dq, q, do, lse2, delta, k_base, v_base, km_base, full_lo, full_hi, pos, seqlen_k,
+                        window_left, window_right, qk_scale, cap_log2, stride_kn, stride_vn, stride_mn,
+                        offs_n, koffs_d, voffs_d, d_ok, False, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_N)
+    dq = _bwd_dq_blocks(dq, q, do, lse2, delta, k_base, v_base, km_base, full_hi, hi, pos, seqlen_k,
+                        window_left, window_right, qk_scale, cap_log2, stride_kn, stride_vn, stride_mn,
+                        offs_n, koffs_d, voffs_d, d_ok, True, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_N)
+    dq_ptrs = DQ + ((b * seqlen_q + rows[:, None]) * heads_q + h) * HEAD_DIM + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _bwd_dkdv_blocks(
+    dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, start, end,
+    cols, shift, seqlen_q, seqlen_k, left, right, qk_scale, cap_log2,
+    stride_qm, stride_dm, offs_m, qoffs_d, dooffs_d, d_ok,
+    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dK, dV (transposed view: keys are rows) over query blocks [start, end) of one head."""
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < seqlen_q
+        ok = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + qoffs_d[None, :] + rows[:, None] * stride_qm, mask=ok, other=0.0)
+        do = tl.load(do_base + dooffs_d[None, :] + rows[:, None] * stride_dm, mask=ok, other=0.0)
+        lse2 = _lse_log2(lse_base, rows, row_ok)
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        sT, tT = _logits(k, tl.trans(q), qk_scale, cap_log2, SOFTCAP, PRECISION)
+        if MASKED:
+            seen = _visible(rows[None, :] + shift, cols[:, None], left, right, seqlen_k) & row_ok[None, :]
+            sT = tl.where(seen, sT, float("-inf"))
+        if HAS_KEY_MASK:
+            sT = tl.where(keep[:, None], sT, float("-inf"))
+        pT = tl.exp2(sT - lse2[None, :])
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV, KeyMask,
+    sm_scale, qk_scale, cap_log2, seqlen_q, seqlen_k, window_left, window_right, heads_kv, group,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_db, stride_dm, stride_dh, stride_dd,
+    stride_mb, stride_mn,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV for BLOCK_N keys of one kv head, summed over the q heads of its GQA group
+    inside the program: deterministic, no atomics. DK/DV are contiguous like K."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads_kv).to(tl.int64)
+    kv_head = pid_bh % heads_kv
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    col_ok = cols < seqlen_k
+    ok = col_ok[:, None] & d_ok[None, :]
+
+    k = tl.load(K + b * stride_kb + kv_head * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=ok, other=0.0)
+    v = tl.load(V + b * stride_vb + kv_head * stride_vh + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=ok, other=0.0)
+    keep = col_ok
+    if HAS_KEY_MASK:
+        keep = tl.load(KeyMask + b * stride_mb + cols * stride_mn, mask=col_ok, other=0) != 0
+
+    # Query rows that see these keys: position p sees key j iff j - right <= p <= j + left.
+    shift = seqlen_k - seqlen_q
+    last = tl.minimum((pid_n + 1) * BLOCK_N, seqlen_k) - 1 - shift
+    lo, full_lo, full_hi, hi = _span(pid_n * BLOCK_N - shift, last, window_right, window_left, seqlen_q, BLOCK_M)
+    qoffs_d = offs_d * stride_qd
+    dooffs_d = offs_d * stride_dd
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(group):
+        head = kv_head * group + g
+        q_base = Q + b * stride_qb + head * stride_qh
+        do_base = DOut + b * stride_db + head * stride_dh
+        row_base = (b * heads_kv * group + head) * seqlen_q
+        dk, dv = _bwd_dkdv_blocks(
+            dk, dv, k, v, keep, q_base, do_base, Lse + row_base, Delta + row_base, lo, full_lo,
+            cols, shift, seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_log2,
+            stride_qm, stride_dm, offs_m, qoffs_d, dooffs_d, d_ok,
+            True, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_M)
+        dk, dv = _bwd_dkdv_blocks(
+            dk, dv, k, v, keep, q_base, do_base, Lse + row_base, Delta + row_base, full_lo, full_hi,
+            cols, shift, seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_log2,
+            stride_qm, stride_dm, offs_m, qoffs_d, dooffs_d, d_ok,
+            False, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_M)
+        dk, dv = _bwd_dkdv_blocks(
+            dk, dv, k, v, keep, q_base, do_base, Lse + row_base, Delta + row_base, full_hi, hi,
+            cols, shift, seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_log2,
+            stride_qm, stride_dm, offs_m, qoffs_d, dooffs_d, d_ok,
+            True, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_M)
+    out_off = ((b * seqlen_k + cols[:, None]) * heads_kv + kv_head) * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+def _bwd_default(*, interpreted: bool, head_dim: int, dtype: str) -> autotune.Config:
+    if interpreted:
+        return autotune.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+    wide = dtype == "float32"
+    if head_dim <= 64:
+        return autotune.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+    if head_dim <= 128:
+        return autotune.Config({"BLOCK_M": 32 if wide else 64, "BLOCK_N": 64}, num_warps=8, num_stages=2)
+    return autotune.Config({"BLOCK_M": 16 if wide else 32, "BLOCK_N": 32}, num_warps=8, num_stages=1)
+
+
+autotune.register("attention_bwd", _bwd_default)
+
+
+def launch_backward(dout, q, k, v, out, lse, key_padding_mask, window_left, window_right, softcap, scale):
+    """Gradients (dq, dk, dv), contiguous, in the dtypes of q, k, v."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if batch * heads_q * seqlen_q == 0 or seqlen_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    config = autotune.lookup("attention_bwd", head_dim=head_dim, dtype=dtype_name(q.dtype))
+    meta = config.launch_kwargs()
+    block_d = head_block(head_dim)
+    delta = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q)](
+        out, dout, delta, seqlen_q, heads_q, *out.stride(), *dout.stride(),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=meta["BLOCK_M"],
+    )
+    unbounded = seqlen_q + seqlen_k + 1
+    qk_scale, cap_log2 = score_scales(scale, softcap)
+    mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
+    mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    common = dict(
+        HEAD_DIM=head_dim, BLOCK_D=block_d, SOFTCAP=softcap > 0,
+        HAS_KEY_MASK=key_padding_mask is not None, PRECISION=dot_precision(q.dtype), **meta,
+    )
+    scalars = (scale, qk_scale, cap_log2, seqlen_q, seqlen_k,
+               window_reach(window_left, unbounded), window_reach(window_right, unbounded))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *mask_strides)
+    _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q)](
+        q, k, v, dout, lse, delta, dq, mask, *scalars, heads_q, heads_q // heads_kv, *strides, **common
+    )
+    _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv)](
+        q, k, v, dout, lse, delta, dk, dv, mask, *scalars, heads_kv, heads_q // heads_kv, *strides, **common
+    )
+    return dq, dk, dv
