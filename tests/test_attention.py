@@ -118,7 +118,7 @@ def test_noncontiguous_inputs():
     check_against_reference(q, k, v, None, dict(window_size=(7, 3)), dout)
 
 
-@pytest.mark.parametrize("block_m,block_n", [(16, 64), (64, 16), (16, 16)])
+@pytest.mark.parametrize("block_m,block_n", [(16, 64), (64, 16), (16, 16), (128, 64)])
 def test_tile_shapes(block_m, block_n):
     """The span logic (masked edges, unmasked middle) must hold for any tile shape."""
     config = autotune.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)

@@ -1,0 +1,21 @@
+"""The benchmark harness end to end on one tiny case: rows, files, the report command."""
+
+import json
+
+from benchmarks.__main__ import main
+
+
+def test_run_and_report(tmp_path):
+    out = tmp_path / "run"
+    main(["run", "--suite", "attention", "--filter", "decode-b2", "--device", "cpu", "--out", str(out)])
+    data = json.loads((out / "results.json").read_text())
+    rows = data["rows"]
+    tritium_rows = [r for r in rows if r["backend"] == "tritium"]
+    assert tritium_rows and all(r["ms_p50"] > 0 and r["max_abs_err"] < 1e-2 for r in tritium_rows)
+    assert all(r["reproduce"].startswith("python -m benchmarks run") for r in rows)
+    assert {"README.md", "results.csv"} <= {p.name for p in out.iterdir()}
+    assert any(p.suffix == ".png" for p in out.iterdir())
+    assert "CPU-interpreter" in (out / "README.md").read_text()
+    again = tmp_path / "again"
+    main(["report", str(out / "results.json"), "--out", str(again)])
+    assert (again / "README.md").read_text() == (out / "README.md").read_text()
