@@ -125,7 +125,8 @@ def test_tile_shapes(block_m, block_n):
     case = Case(seqlen_q=75, seqlen_k=130, causal=True, window=(40, 0), mask="random", heads_q=2, heads_kv=1)
     q, k, v, mask = make_inputs(case, torch.float32)
     dout = torch.randn(q.shape, device=DEVICE)
-    with autotune.override("attention_fwd", config), autotune.override("attention_bwd", config):
+    with autotune.override("attention_fwd", config), autotune.override("attention_bwd_dq", config), \
+            autotune.override("attention_bwd_dkdv", config):
         check_against_reference(q, k, v, mask, options(case), dout)
 
 

@@ -18,11 +18,13 @@ import triton
 import triton.language as tl
 
 from tritium import autotune
+from tritium.kernels import attention_tuning as tuning
 from tritium.kernels.attention_backward import launch_backward
 from tritium.kernels.online_softmax import (
     _logits,
     _softmax_step,
     _span,
+    _tanh,
     _visible,
     dot_precision,
     dtype_name,
@@ -158,20 +160,20 @@ def _attn_fwd_kernel(
     tl.store(l_ptrs, lse, mask=row_ok)
 
 
-def _fwd_default(*, interpreted: bool, head_dim: int, dtype: str, pack: int) -> autotune.Config:
-    if interpreted:
-        return autotune.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
-    if pack > 1:  # decode: few rows per kv head, the key loop is all that matters
-        return autotune.Config({"BLOCK_M": 16 if pack <= 16 else 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)
-    wide = dtype == "float32"
-    if head_dim <= 64:
-        return autotune.Config({"BLOCK_M": 128, "BLOCK_N": 32 if wide else 64}, num_warps=4, num_stages=3)
-    if head_dim <= 128:
-        return autotune.Config({"BLOCK_M": 64 if wide else 128, "BLOCK_N": 32 if wide else 64}, num_warps=8, num_stages=3)
-    return autotune.Config({"BLOCK_M": 64, "BLOCK_N": 16 if wide else 32}, num_warps=8, num_stages=2)
+ATTENTION_FWD = autotune.Kernel(
+    "attention_fwd", space=tuning.FWD_SPACE, key=tuning.attention_bucket, default=tuning.fwd_default,
+    interpreter=tuning.INTERPRETER, prune=tuning.fwd_fits,
+    sources=(_attn_fwd_kernel, _fwd_blocks, _span, _visible, _logits, _softmax_step, _tanh),
+)
 
 
-autotune.register("attention_fwd", _fwd_default)
+def forward_config(q, k, *, window_left, window_right, softcap, pack=1, launch=None) -> autotune.Config:
+    """The forward kernel's config for this problem; launch(config) enables tuning on a miss."""
+    return ATTENTION_FWD.lookup(
+        launch, head_dim=q.shape[3], dtype=dtype_name(q.dtype), seqlen_q=q.shape[1], seqlen_k=k.shape[1],
+        window_left=window_left, window_right=window_right, softcap=softcap, group=q.shape[2] // k.shape[2],
+        pack=pack,
+    )
 
 
 def check_attention_args(
@@ -233,16 +235,15 @@ def check_key_padding_mask(mask, batch: int, seqlen_k: int, ref: torch.Tensor) -
 
 
 def launch_forward(
-    q, k, v, out, lse, *, key_padding_mask, seqlens_k, window_left, window_right, softcap, scale,
+    q, k, v, out, lse, config, *, key_padding_mask, seqlens_k, window_left, window_right, softcap, scale,
     max_seqlen_k, pack=1, num_splits=1, split_len=None,
 ):
-    """Run `_attn_fwd_kernel`. out/lse are (batch, seqlen_q, heads_q, head_dim) and
-    (batch, heads_q, seqlen_q), or carry a leading split dim when num_splits > 1.
+    """Run `_attn_fwd_kernel` with `config`. out/lse are (batch, seqlen_q, heads_q, head_dim)
+    and (batch, heads_q, seqlen_q), or carry a leading split dim when num_splits > 1.
     seqlens_k: None (all rows see k.shape[1] keys) or int32 (batch,) per-batch lengths."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     if batch * seqlen_q * heads_q == 0:
         return
-    config = autotune.lookup("attention_fwd", head_dim=head_dim, dtype=dtype_name(q.dtype), pack=pack)
     block_m = config.meta["BLOCK_M"]
     unbounded = max_seqlen_k + seqlen_q + 1
     qk_scale, cap_log2 = score_scales(scale, softcap)
@@ -270,11 +271,13 @@ def _forward_op(
     batch, seqlen_q, heads_q, head_dim = q.shape
     out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
-    launch_forward(
-        q, k, v, out, lse, key_padding_mask=key_padding_mask, seqlens_k=None,
-        window_left=window_left, window_right=window_right, softcap=softcap, scale=softmax_scale,
-        max_seqlen_k=k.shape[1],
-    )
+    options = dict(window_left=window_left, window_right=window_right, softcap=softcap)
+
+    def launch(config):
+        launch_forward(q, k, v, out, lse, config, key_padding_mask=key_padding_mask, seqlens_k=None,
+                       scale=softmax_scale, max_seqlen_k=k.shape[1], **options)
+
+    launch(forward_config(q, k, launch=launch, **options))
     return out, lse
 
 

@@ -9,10 +9,12 @@ import triton
 import triton.language as tl
 
 from tritium import autotune
+from tritium.kernels import attention_tuning as tuning
 from tritium.kernels.online_softmax import (
     _logits,
     _lse_log2,
     _span,
+    _tanh,
     _visible,
     dot_precision,
     dtype_name,
@@ -225,18 +227,17 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=ok)
 
 
-def _bwd_default(*, interpreted: bool, head_dim: int, dtype: str) -> autotune.Config:
-    if interpreted:
-        return autotune.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
-    wide = dtype == "float32"
-    if head_dim <= 64:
-        return autotune.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
-    if head_dim <= 128:
-        return autotune.Config({"BLOCK_M": 32 if wide else 64, "BLOCK_N": 64}, num_warps=8, num_stages=2)
-    return autotune.Config({"BLOCK_M": 16 if wide else 32, "BLOCK_N": 32}, num_warps=8, num_stages=1)
-
-
-autotune.register("attention_bwd", _bwd_default)
+DELTA_BLOCK_M = 32
+ATTENTION_BWD_DQ = autotune.Kernel(
+    "attention_bwd_dq", space=tuning.BWD_SPACE, key=tuning.attention_bucket, default=tuning.bwd_default,
+    interpreter=tuning.INTERPRETER, prune=tuning.bwd_fits,
+    sources=(_attn_bwd_dq_kernel, _bwd_dq_blocks, _span, _visible, _logits, _lse_log2, _tanh),
+)
+ATTENTION_BWD_DKDV = autotune.Kernel(
+    "attention_bwd_dkdv", space=tuning.BWD_SPACE, key=tuning.attention_bucket, default=tuning.bwd_default,
+    interpreter=tuning.INTERPRETER, prune=tuning.bwd_fits,
+    sources=(_attn_bwd_dkdv_kernel, _bwd_dkdv_blocks, _span, _visible, _logits, _lse_log2, _tanh),
+)
 
 
 def launch_backward(dout, q, k, v, out, lse, key_padding_mask, window_left, window_right, softcap, scale):
@@ -248,29 +249,35 @@ def launch_backward(dout, q, k, v, out, lse, key_padding_mask, window_left, wind
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if batch * heads_q * seqlen_q == 0 or seqlen_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    config = autotune.lookup("attention_bwd", head_dim=head_dim, dtype=dtype_name(q.dtype))
-    meta = config.launch_kwargs()
     block_d = head_block(head_dim)
     delta = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q)](
+    _bwd_delta_kernel[(triton.cdiv(seqlen_q, DELTA_BLOCK_M), batch * heads_q)](
         out, dout, delta, seqlen_q, heads_q, *out.stride(), *dout.stride(),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=meta["BLOCK_M"],
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M,
     )
     unbounded = seqlen_q + seqlen_k + 1
     qk_scale, cap_log2 = score_scales(scale, softcap)
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
     mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    common = dict(
-        HEAD_DIM=head_dim, BLOCK_D=block_d, SOFTCAP=softcap > 0,
-        HAS_KEY_MASK=key_padding_mask is not None, PRECISION=dot_precision(q.dtype), **meta,
-    )
+    constants = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, SOFTCAP=softcap > 0,
+                     HAS_KEY_MASK=key_padding_mask is not None, PRECISION=dot_precision(q.dtype))
     scalars = (scale, qk_scale, cap_log2, seqlen_q, seqlen_k,
                window_reach(window_left, unbounded), window_reach(window_right, unbounded))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *mask_strides)
-    _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q)](
-        q, k, v, dout, lse, delta, dq, mask, *scalars, heads_q, heads_q // heads_kv, *strides, **common
-    )
-    _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv)](
-        q, k, v, dout, lse, delta, dk, dv, mask, *scalars, heads_kv, heads_q // heads_kv, *strides, **common
-    )
+    group = heads_q // heads_kv
+
+    def launch_dq(config):
+        _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, config.meta["BLOCK_M"]), batch * heads_q)](
+            q, k, v, dout, lse, delta, dq, mask, *scalars, heads_q, group, *strides,
+            **constants, **config.launch_kwargs())
+
+    def launch_dkdv(config):
+        _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, config.meta["BLOCK_N"]), batch * heads_kv)](
+            q, k, v, dout, lse, delta, dk, dv, mask, *scalars, heads_kv, group, *strides,
+            **constants, **config.launch_kwargs())
+
+    problem = dict(head_dim=head_dim, dtype=dtype_name(q.dtype), seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+                   window_left=window_left, window_right=window_right, softcap=softcap, group=group)
+    launch_dq(ATTENTION_BWD_DQ.lookup(launch_dq, **problem))
+    launch_dkdv(ATTENTION_BWD_DKDV.lookup(launch_dkdv, **problem))
     return dq, dk, dv

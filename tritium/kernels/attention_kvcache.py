@@ -16,9 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tritium import autotune
-from tritium.kernels.attention import check_attention_args, launch_forward
-from tritium.kernels.online_softmax import dtype_name, head_block
+from tritium.kernels.attention import check_attention_args, forward_config, launch_forward
+from tritium.kernels.online_softmax import head_block
 from tritium.kernels.validation import check_dim, check_like, check_tensor
 from tritium.runtime import interpreted
 
@@ -86,18 +85,19 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _choose_splits(q: torch.Tensor, heads_kv: int, max_seqlen: int, pack: int) -> int:
-    """Enough splits that batch x kv heads x splits programs cover the SMs twice; 1 when the
-    batch already does. Depends only on shapes, so it is safe in CUDA-graph capture."""
-    block_n = autotune.lookup("attention_fwd", head_dim=q.shape[-1], dtype=dtype_name(q.dtype), pack=pack).meta["BLOCK_N"]
-    n_blocks = triton.cdiv(max_seqlen, block_n)
-    if interpreted():  # exercise the split path on small CPU shapes too
-        return max(1, min(4, n_blocks))
-    programs = q.shape[0] * heads_kv * triton.cdiv(q.shape[1] * pack, 16)
-    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    if programs >= sms:
-        return 1
-    return max(1, min(triton.cdiv(2 * sms, programs), n_blocks, MAX_SPLITS))
+def _split_len(q: torch.Tensor, heads_kv: int, max_seqlen: int, pack: int, block_n: int, requested: int) -> int:
+    """Keys per split, a multiple of block_n: `requested` splits, or (0) enough that batch x
+    kv heads x splits programs cover the SMs twice, and one split when the batch already
+    does. Depends only on shapes, so it is safe in CUDA-graph capture."""
+    n_blocks = max(triton.cdiv(max_seqlen, block_n), 1)
+    splits = requested
+    if not splits and interpreted():  # exercise the split path on small CPU shapes too
+        splits = min(4, n_blocks)
+    elif not splits:
+        programs = q.shape[0] * heads_kv * triton.cdiv(q.shape[1] * pack, 16)
+        sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        splits = 1 if programs >= sms else min(triton.cdiv(2 * sms, programs), n_blocks, MAX_SPLITS)
+    return triton.cdiv(n_blocks, max(splits, 1)) * block_n
 
 
 def _append(k_cache, v_cache, k, v, cache_seqlens):
@@ -122,32 +122,33 @@ def _kvcache_op(
     if k is not None:
         _append(k_cache, v_cache, k, v, seqlens_k)
         seqlens_k = (seqlens_k + k.shape[1]).clamp_(max=max_seqlen)
-    group = heads_q // heads_kv
     # Pack the GQA group into the tile rows while the rows stay few (decode); a long chunk
     # of new queries fills tiles on its own.
+    group = heads_q // heads_kv
     pack = group if seqlen_q * group <= 64 else 1
-    splits = num_splits or _choose_splits(q, heads_kv, max_seqlen, pack)
-    block_n = autotune.lookup("attention_fwd", head_dim=head_dim, dtype=dtype_name(q.dtype), pack=pack).meta["BLOCK_N"]
-    split_len = triton.cdiv(triton.cdiv(max_seqlen, block_n), splits) * block_n
-    splits = triton.cdiv(max_seqlen, split_len) if max_seqlen else 1
     out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
-    options = dict(
-        key_padding_mask=None, seqlens_k=seqlens_k, window_left=window_left, window_right=window_right,
-        softcap=softcap, scale=softmax_scale, max_seqlen_k=max_seqlen, pack=pack,
-    )
-    if splits == 1:
-        launch_forward(q, k_cache, v_cache, out, lse, **options)
-        return out, lse
-    out_part = torch.empty((splits, batch, seqlen_q, heads_q, head_dim), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((splits, batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
-    launch_forward(q, k_cache, v_cache, out_part, lse_part, num_splits=splits, split_len=split_len, **options)
-    _combine_kernel[(seqlen_q * heads_q, batch)](
-        out_part, lse_part, out, lse, splits, seqlen_q, heads_q,
-        *out_part.stride()[:4], *lse_part.stride()[:3], *out.stride()[:3],
-        HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
-        BLOCK_S=triton.next_power_of_2(splits),
-    )
+    window = dict(window_left=window_left, window_right=window_right, softcap=softcap)
+
+    def launch(config):
+        split_len = _split_len(q, heads_kv, max_seqlen, pack, config.meta["BLOCK_N"], num_splits)
+        splits = max(triton.cdiv(max_seqlen, split_len), 1)
+        options = dict(key_padding_mask=None, seqlens_k=seqlens_k, scale=softmax_scale, max_seqlen_k=max_seqlen,
+                       pack=pack, **window)
+        if splits == 1:
+            launch_forward(q, k_cache, v_cache, out, lse, config, **options)
+            return
+        out_part = torch.empty((splits, *out.shape), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((splits, *lse.shape), dtype=torch.float32, device=q.device)
+        launch_forward(q, k_cache, v_cache, out_part, lse_part, config, num_splits=splits, split_len=split_len,
+                       **options)
+        _combine_kernel[(seqlen_q * heads_q, batch)](
+            out_part, lse_part, out, lse, splits, seqlen_q, heads_q,
+            *out_part.stride()[:4], *lse_part.stride()[:3], *out.stride()[:3],
+            HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_S=triton.next_power_of_2(splits),
+        )
+
+    launch(forward_config(q, k_cache, pack=pack, launch=launch, **window))
     return out, lse
 
 

@@ -1,0 +1,188 @@
+"""A tunable kernel, declared as data, and the lookup every launch goes through.
+
+Lookup order: override (tests) -> in-process memo -> the user's cache -> the table shipped
+for this GPU -> tune, when asked and allowed -> heuristic default. A cached or shipped
+entry counts only if it was tuned for this SKU (its file), this Triton version and this
+kernel's source hash: editing one kernel invalidates that kernel's entries alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import inspect
+import itertools
+import os
+from collections import Counter
+from typing import Callable, Iterator
+
+import torch
+
+from tritium.autotune import store, tuner
+from tritium.autotune.config import Config
+from tritium.autotune.device import Sku, current_sku
+from tritium.runtime import interpreted
+
+KERNELS: dict[str, "Kernel"] = {}
+STATS: Counter = Counter()  # (kernel, source) -> lookups, source in memo/cache/table/tuned/default
+_OVERRIDES: dict[str, Config] = {}
+_TUNING: dict = {"enabled": os.environ.get("TRITIUM_AUTOTUNE", "0") == "1", "timer": tuner.gpu_timer}
+_TABLES: dict[str, dict[str, dict]] = {}  # "cache"/"table" -> {kernel: {bucket: entry}}
+
+
+def _keep_all(config: Config, bucket: dict) -> bool:
+    return True
+
+
+class Kernel:
+    """A Triton kernel's tuning declaration.
+
+    space: candidates per meta-parameter, num_warps and num_stages included.
+    key(**problem) -> bucket: a dict of JSON scalars; problems in one bucket share a config.
+    default(**bucket) -> Config: the heuristic choice on a GPU.
+    interpreter: the config under the Triton interpreter (never tuned).
+    sources: the @triton.jit functions the kernel is built from (hashed for identity).
+    prune(config, bucket) -> bool: False for configs that cannot work (shared memory).
+    """
+
+    def __init__(self, name, *, space, key, default, interpreter, sources=(), prune=_keep_all):
+        self.name, self.space, self.key, self.default = name, space, key, default
+        self.interpreter, self.sources, self.prune = interpreter, tuple(sources), prune
+        self._memo: dict[tuple, Config] = {}
+        KERNELS[name] = self
+
+    @functools.cached_property
+    def source_hash(self) -> str:
+        digest = hashlib.sha256()
+        for fn in self.sources:
+            digest.update(inspect.getsource(getattr(fn, "fn", fn)).encode())
+        return digest.hexdigest()[:16]
+
+    def candidates(self, bucket: dict) -> list[Config]:
+        """Every config of the space that the pruning predicate keeps for `bucket`."""
+        names = [n for n in self.space if n not in ("num_warps", "num_stages")]
+        configs = []
+        for values in itertools.product(*(self.space[n] for n in names),
+                                        self.space["num_warps"], self.space["num_stages"]):
+            config = Config(dict(zip(names, values[:-2])), num_warps=values[-2], num_stages=values[-1])
+            if self.prune(config, bucket):
+                configs.append(config)
+        return configs
+
+    def lookup(self, launch: Callable[[Config], None] | None = None, **problem) -> Config:
+        """The config for `problem`. launch(config) runs the kernel on the caller's real
+        arguments (idempotently); it is used only when tuning is on and this is a miss."""
+        if self.name in _OVERRIDES:
+            return _OVERRIDES[self.name]
+        if interpreted():
+            return self.interpreter
+        bucket = self.key(**problem)
+        memo_key = tuple(bucket.values())
+        config = self._memo.get(memo_key)
+        if config is None:
+            config = self._memo[memo_key] = self._resolve(bucket, launch)
+        else:
+            STATS[self.name, "memo"] += 1
+        return config
+
+    def _resolve(self, bucket: dict, launch) -> Config:
+        sku = active_sku()
+        name = bucket_name(bucket)
+        if sku is not None:
+            for source in ("cache", "table"):
+                entry = tables(sku)[source].get(self.name, {}).get(name)
+                config = self._valid(entry)
+                if config is not None:
+                    STATS[self.name, source] += 1
+                    return config
+        default = self.default(**bucket)
+        if sku is not None and launch is not None and _TUNING["enabled"] and not _capturing():
+            result = tuner.search(self.candidates(bucket), launch, default, _TUNING["timer"])
+            self._save(sku, name, result)
+            STATS[self.name, "tuned"] += 1
+            return result.config
+        STATS[self.name, "default"] += 1
+        return default
+
+    def _valid(self, entry) -> Config | None:
+        import triton
+
+        if not isinstance(entry, dict) or entry.get("source") != self.source_hash:
+            return None
+        if entry.get("triton") != triton.__version__:
+            return None
+        try:
+            return Config.from_json(entry["config"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+
+    def _save(self, sku: Sku, name: str, result: tuner.Result) -> None:
+        import triton
+
+        entry = {"config": result.config.to_json(), "source": self.source_hash, "triton": triton.__version__,
+                 "ms": result.ms, "default_ms": result.default_ms}
+        tables(sku)["cache"].setdefault(self.name, {})[name] = entry
+        store.write_entries(store.cache_path(sku), sku, {self.name: {name: entry}})
+
+
+def bucket_name(bucket: dict) -> str:
+    """The human-readable JSON key of a bucket: "head_dim=128,dtype=bfloat16,..."."""
+    return ",".join(f"{k}={v}" for k, v in bucket.items())
+
+
+@functools.lru_cache(maxsize=None)
+def active_sku() -> Sku | None:
+    """The SKU entries are filed under for this process (the current CUDA device)."""
+    return None if interpreted() else current_sku()
+
+
+def tables(sku: Sku) -> dict[str, dict]:
+    """The user's cache and the shipped table for `sku`, read once per process."""
+    if not _TABLES:
+        _TABLES["cache"] = store.read_table(store.cache_path(sku), sku)
+        _TABLES["table"] = store.read_table(store.shipped_path(sku), sku)
+    return _TABLES
+
+
+def reset() -> None:
+    """Forget memos and loaded tables (after the cache changed on disk, and in tests)."""
+    _TABLES.clear()
+    for kernel in KERNELS.values():
+        kernel._memo.clear()
+    active_sku.cache_clear()
+
+
+def _capturing() -> bool:
+    # Tuning launches dozens of kernels: never inside a CUDA graph or a compile trace.
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+@contextlib.contextmanager
+def tuning(enabled: bool = True, timer: Callable | None = None) -> Iterator[None]:
+    """Tune on misses inside the block (what TRITIUM_AUTOTUNE=1 does for a whole process);
+    `timer(fn) -> ms` replaces the GPU timer (tests inject a fake one)."""
+    previous = dict(_TUNING)
+    _TUNING["enabled"] = enabled
+    if timer is not None:
+        _TUNING["timer"] = timer
+    try:
+        yield
+    finally:
+        _TUNING.update(previous)
+
+
+@contextlib.contextmanager
+def override(kernel: str, config: Config) -> Iterator[None]:
+    """Force `config` for every launch of `kernel` inside the block (tests, experiments)."""
+    previous = _OVERRIDES.get(kernel)
+    _OVERRIDES[kernel] = config
+    try:
+        yield
+    finally:
+        if previous is None:
+            del _OVERRIDES[kernel]
+        else:
+            _OVERRIDES[kernel] = previous

@@ -1,0 +1,85 @@
+"""How the attention kernels are tuned, as data: the problem bucket, the config spaces,
+the predicates that prune configs a GPU cannot run, and the heuristic defaults."""
+
+from __future__ import annotations
+
+import triton
+
+from tritium.autotune import Config
+
+INTERPRETER = Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+FWD_SPACE = {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
+BWD_SPACE = {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)}
+SHARED_MEMORY = 227 * 1024  # Hopper's per-block maximum; the tuner skips what fails anyway
+ACC_REGISTERS = 128  # float32 accumulator values per thread before the kernel spills
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return min(max(triton.next_power_of_2(max(n, 1)), lo), hi)
+
+
+def attention_bucket(
+    *, head_dim: int, dtype: str, seqlen_q: int, seqlen_k: int, window_left: int, window_right: int,
+    softcap: float, group: int, pack: int = 1,
+) -> dict:
+    """The bucket of an attention problem: problems in one bucket share a tuned config.
+    Sequence lengths and window sizes go by powers of two."""
+    if window_left < 0 and window_right < 0:
+        mask = "full"
+    elif window_left < 0 and window_right == 0:
+        mask = "causal"
+    else:
+        mask = "window"
+    return {
+        "head_dim": head_dim, "dtype": dtype, "mask": mask,
+        "window": _pow2(window_left, 1, 1 << 20) if window_left >= 0 else 0,
+        "softcap": softcap > 0, "seqlen_q": _pow2(seqlen_q, 16, 1 << 17),
+        "seqlen_k": _pow2(seqlen_k, 16, 1 << 17), "gqa": group, "pack": pack,
+    }
+
+
+def _itemsize(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def fwd_fits(config: Config, bucket: dict) -> bool:
+    """Tiles no larger than the rows there are, q plus pipelined K/V tiles in shared
+    memory, the output accumulator in registers."""
+    block_m, block_n = config.meta["BLOCK_M"], config.meta["BLOCK_N"]
+    block_d = _pow2(bucket["head_dim"], 16, 256)
+    rows = bucket["seqlen_q"] * bucket["pack"]
+    if block_m > max(16, rows) or (rows >= 256 and block_m < 64):
+        return False
+    smem = (block_m + 2 * config.num_stages * block_n) * block_d * _itemsize(bucket["dtype"])
+    return smem <= SHARED_MEMORY and block_m * block_d <= ACC_REGISTERS * 32 * config.num_warps
+
+
+def bwd_fits(config: Config, bucket: dict) -> bool:
+    """dK/dV (or dQ) accumulators in registers, the streamed tiles in shared memory."""
+    block_m, block_n = config.meta["BLOCK_M"], config.meta["BLOCK_N"]
+    block_d = _pow2(bucket["head_dim"], 16, 256)
+    smem = config.num_stages * 2 * max(block_m, block_n) * block_d * _itemsize(bucket["dtype"])
+    acc = 2 * max(block_m, block_n) * block_d
+    return smem <= SHARED_MEMORY and acc <= ACC_REGISTERS * 32 * config.num_warps
+
+
+def fwd_default(*, head_dim: int, dtype: str, pack: int, **_) -> Config:
+    """Heuristic forward tiles per head_dim (float32 tiles are twice as wide in bytes)."""
+    if pack > 1:  # decode: few rows per kv head, the key loop is all that matters
+        return Config({"BLOCK_M": 16 if pack <= 16 else 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)
+    wide = dtype == "float32"
+    if head_dim <= 64:
+        return Config({"BLOCK_M": 128, "BLOCK_N": 32 if wide else 64}, num_warps=4, num_stages=3)
+    if head_dim <= 128:
+        return Config({"BLOCK_M": 64 if wide else 128, "BLOCK_N": 32 if wide else 64}, num_warps=8, num_stages=3)
+    return Config({"BLOCK_M": 64, "BLOCK_N": 16 if wide else 32}, num_warps=8, num_stages=2)
+
+
+def bwd_default(*, head_dim: int, dtype: str, **_) -> Config:
+    """Heuristic backward tiles, shared by the dQ and the dK/dV kernels."""
+    wide = dtype == "float32"
+    if head_dim <= 64:
+        return Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+    if head_dim <= 128:
+        return Config({"BLOCK_M": 32 if wide else 64, "BLOCK_N": 64}, num_warps=8, num_stages=2)
+    return Config({"BLOCK_M": 16 if wide else 32, "BLOCK_N": 32}, num_warps=8, num_stages=1)
