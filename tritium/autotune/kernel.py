@@ -25,7 +25,7 @@ from tritium.autotune.device import Sku, current_sku
 from tritium.runtime import interpreted
 
 KERNELS: dict[str, "Kernel"] = {}
-STATS: Counter = Counter()  # (kernel, source) -> lookups, source in memo/cache/table/tuned/default
+STATS: Counter = Counter()  # (kernel, source) -> resolutions, source in cache/table/tuned/default
 _OVERRIDES: dict[str, Config] = {}
 _TUNING: dict = {"enabled": os.environ.get("TRITIUM_AUTOTUNE", "0") == "1", "timer": tuner.gpu_timer}
 _TABLES: dict[str, dict[str, dict]] = {}  # "cache"/"table" -> {kernel: {bucket: entry}}
@@ -49,7 +49,8 @@ class Kernel:
     def __init__(self, name, *, space, key, default, interpreter, sources=(), prune=_keep_all):
         self.name, self.space, self.key, self.default = name, space, key, default
         self.interpreter, self.sources, self.prune = interpreter, tuple(sources), prune
-        self._memo: dict[tuple, Config] = {}
+        self._memo: dict[tuple, Config] = {}  # raw problem or bucket values -> config
+        self.memo_hits = 0
         KERNELS[name] = self
 
     @functools.cached_property
@@ -77,13 +78,21 @@ class Kernel:
             return _OVERRIDES[self.name]
         if interpreted():
             return self.interpreter
+        # Warm path: the raw problem (call sites pass it in a fixed order) is memoised too,
+        # so a repeat call skips the key function.
+        raw = tuple(problem.values())
+        config = self._memo.get(raw)
+        if config is not None:
+            self.memo_hits += 1
+            return config
         bucket = self.key(**problem)
-        memo_key = tuple(bucket.values())
-        config = self._memo.get(memo_key)
+        bucket_key = tuple(bucket.values())
+        config = self._memo.get(bucket_key)
         if config is None:
-            config = self._memo[memo_key] = self._resolve(bucket, launch)
+            config = self._memo[bucket_key] = self._resolve(bucket, launch)
         else:
-            STATS[self.name, "memo"] += 1
+            self.memo_hits += 1
+        self._memo[raw] = config
         return config
 
     def _resolve(self, bucket: dict, launch) -> Config:
@@ -150,6 +159,7 @@ def reset() -> None:
     _TABLES.clear()
     for kernel in KERNELS.values():
         kernel._memo.clear()
+        kernel.memo_hits = 0
     active_sku.cache_clear()
 
 

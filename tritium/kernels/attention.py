@@ -27,7 +27,6 @@ from tritium.kernels.online_softmax import (
     _tanh,
     _visible,
     dot_precision,
-    dtype_name,
     head_block,
     score_scales,
     window_reach,
@@ -169,9 +168,11 @@ ATTENTION_FWD = autotune.Kernel(
 
 def forward_config(q, k, *, window_left, window_right, softcap, pack=1, launch=None) -> autotune.Config:
     """The forward kernel's config for this problem; launch(config) enables tuning on a miss."""
+    _, seqlen_q, heads_q, head_dim = q.shape
+    _, seqlen_k, heads_kv, _ = k.shape
     return ATTENTION_FWD.lookup(
-        launch, head_dim=q.shape[3], dtype=dtype_name(q.dtype), seqlen_q=q.shape[1], seqlen_k=k.shape[1],
-        window_left=window_left, window_right=window_right, softcap=softcap, group=q.shape[2] // k.shape[2],
+        launch, head_dim=head_dim, dtype=q.dtype, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+        window_left=window_left, window_right=window_right, softcap=softcap, group=heads_q // heads_kv,
         pack=pack,
     )
 

@@ -17,7 +17,6 @@ from tritium.kernels.online_softmax import (
     _tanh,
     _visible,
     dot_precision,
-    dtype_name,
     head_block,
     score_scales,
     window_reach,
@@ -276,7 +275,7 @@ def launch_backward(dout, q, k, v, out, lse, key_padding_mask, window_left, wind
             q, k, v, dout, lse, delta, dk, dv, mask, *scalars, heads_kv, group, *strides,
             **constants, **config.launch_kwargs())
 
-    problem = dict(head_dim=head_dim, dtype=dtype_name(q.dtype), seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+    problem = dict(head_dim=head_dim, dtype=q.dtype, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
                    window_left=window_left, window_right=window_right, softcap=softcap, group=group)
     launch_dq(ATTENTION_BWD_DQ.lookup(launch_dq, **problem))
     launch_dkdv(ATTENTION_BWD_DKDV.lookup(launch_dkdv, **problem))

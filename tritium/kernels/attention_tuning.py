@@ -3,7 +3,7 @@ the predicates that prune configs a GPU cannot run, and the heuristic defaults."
 
 from __future__ import annotations
 
-import triton
+import torch
 
 from tritium.autotune import Config
 
@@ -15,11 +15,12 @@ ACC_REGISTERS = 128  # float32 accumulator values per thread before the kernel s
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
-    return min(max(triton.next_power_of_2(max(n, 1)), lo), hi)
+    """The next power of two >= n, clamped to [lo, hi] (bit_length: this runs per launch)."""
+    return min(max(1 << (max(n, 1) - 1).bit_length(), lo), hi)
 
 
 def attention_bucket(
-    *, head_dim: int, dtype: str, seqlen_q: int, seqlen_k: int, window_left: int, window_right: int,
+    *, head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: int, window_left: int, window_right: int,
     softcap: float, group: int, pack: int = 1,
 ) -> dict:
     """The bucket of an attention problem: problems in one bucket share a tuned config.
@@ -31,7 +32,7 @@ def attention_bucket(
     else:
         mask = "window"
     return {
-        "head_dim": head_dim, "dtype": dtype, "mask": mask,
+        "head_dim": head_dim, "dtype": str(dtype).replace("torch.", ""), "mask": mask,
         "window": _pow2(window_left, 1, 1 << 20) if window_left >= 0 else 0,
         "softcap": softcap > 0, "seqlen_q": _pow2(seqlen_q, 16, 1 << 17),
         "seqlen_k": _pow2(seqlen_k, 16, 1 << 17), "gqa": group, "pack": pack,

@@ -1,0 +1,129 @@
+"""The `tritium` command. `tritium profile CASE` runs one benchmark case under the profiler:
+a Chrome/Perfetto trace, a per-kernel table, and a region nsys/ncu capture by itself.
+
+The cases live in the repository's benchmarks/ folder, which is not part of the installed
+package: it is imported lazily, from beside the tritium package (an editable install).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+import tritium
+from tritium import profiling, runtime
+
+# (steps, warm-up) by device: a compiled step takes micro- to milliseconds and its first
+# calls autotune; an interpreted one takes about a second.
+DEFAULT_STEPS = {"cuda": (20, 5), "cpu": (3, 1)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tritium", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    prof = commands.add_parser("profile", help="profile one benchmark case: trace, per-kernel table, NVTX")
+    prof.add_argument("case", nargs="?", help="KERNEL/CASE_NAME, or a unique part of one (see --list)")
+    prof.add_argument("--list", nargs="?", const="all", metavar="SUITE", help="list the cases (of SUITE) and exit")
+    prof.add_argument("--backend", default="tritium", help="which implementation runs (default: tritium)")
+    prof.add_argument("--mode", choices=("fwd", "fwd+bwd", "decode"), help="default: the case's first mode")
+    prof.add_argument("--trace", type=Path, help="trace file (default: KERNEL.CASE.BACKEND.MODE.trace.json)")
+    prof.add_argument("--steps", type=int, help="measured steps (default: 20 on cuda, 3 on cpu)")
+    prof.add_argument("--warmup", type=int, help="unrecorded steps first (default: 5 on cuda, 1 on cpu)")
+    prof.add_argument("--top", type=int, default=profiling.TOP, help="table rows before 'other'")
+    prof.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
+    prof.set_defaults(run=_profile_command, error=prof.error)  # errors show this command's usage
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `tritium` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    args.run(args, argv)
+
+
+def _profile_command(args: argparse.Namespace, argv: list[str]) -> None:
+    if args.list:
+        _print_list(_import_cases(), args)
+    elif args.case is None:
+        args.error("give a CASE, or --list")
+    else:
+        device = _choose_device(args, argv)
+        _profile(_import_cases(), args, device)
+
+
+def _import_cases():
+    """benchmarks.cases, from the checkout this tritium was installed from."""
+    root = Path(tritium.__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "cases.py").is_file():
+        raise SystemExit(f"tritium profile runs the cases in the repository's benchmarks/ folder, which is not "
+                         f"beside {root / 'tritium'}: run it from a checkout installed with `pip install -e .`")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks import cases
+
+    return cases
+
+
+def _choose_device(args: argparse.Namespace, argv: list[str]) -> str:
+    """The device to profile on. The CPU needs the Triton interpreter, which Triton picks when
+    a kernel is decorated, i.e. when tritium was imported, before this module ran: without
+    it, the command runs again in a fresh interpreter with TRITON_INTERPRET=1."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        args.error("--device cuda: no CUDA device is available")
+    if device == "cuda" and runtime.interpreted():
+        args.error("TRITON_INTERPRET=1 would run the kernels interpreted: unset it to profile on CUDA")
+    if device == "cpu" and not runtime.interpreted():
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        raise SystemExit(subprocess.run([sys.executable, "-m", "tritium.cli", *argv], check=False, env=env).returncode)
+    if device == "cpu":
+        # The interpreter evaluates masked-off lanes in numpy too; their overflows are noise.
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
+    return device
+
+
+def _print_list(cases, args: argparse.Namespace) -> None:
+    for device in cases.DEVICES:
+        try:
+            targets = cases.available(device, args.list)
+        except ValueError as exc:
+            args.error(str(exc))
+        print(f"{device}:{'  # ' + profiling.CPU_LABEL if device == 'cpu' else ''}")
+        width = max(len(t.name) for t in targets)
+        for target in targets:
+            print(f"  {target.name:<{width}}  {', '.join(target.modes)}")
+
+
+def _profile(cases, args: argparse.Namespace, device: str) -> None:
+    default_steps, default_warmup = DEFAULT_STEPS[device]
+    steps = default_steps if args.steps is None else args.steps
+    warmup = default_warmup if args.warmup is None else args.warmup
+    if steps < 1 or warmup < 0:
+        args.error("--steps must be at least 1 and --warmup at least 0")
+    try:
+        target = cases.resolve(args.case, device)
+        mode = args.mode or target.modes[0]
+        step = target.step(args.backend, mode, device)
+    except ValueError as exc:
+        args.error(str(exc))
+    trace = args.trace or Path(f"{target.name.replace('/', '.')}.{args.backend}.{mode}.trace.json")
+    print(f"tritium profile {target.name}: backend {args.backend}, mode {mode}, {device}, "
+          f"{steps} steps after {warmup} warm-up")
+    if device == "cpu":
+        print(profiling.CPU_LABEL)
+    result = profiling.profile(step, steps=steps, warmup=warmup, trace_path=trace,
+                               flops=target.flops(mode), nbytes=target.nbytes(mode), device=device)
+    print(result.table(args.top))
+    print(result.summary())
+    print(f"trace: {result.trace_path} (open in https://ui.perfetto.dev or chrome://tracing)")
+
+
+if __name__ == "__main__":
+    main()
