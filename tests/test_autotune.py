@@ -64,10 +64,14 @@ def gpu_world(tmp_path, monkeypatch):
     store._warned.clear()
     yield tmp_path
     autotune.reset()
+    for name in [n for n in autotune.KERNELS if n.startswith("toy")]:
+        del autotune.KERNELS[name]
 
 
-def test_interpreter_gets_its_config_without_tuning_or_warnings():
+def test_interpreter_gets_its_config_without_tuning_or_warnings(monkeypatch):
+    monkeypatch.setattr(kernel_module, "interpreted", lambda: True)
     kernel = toy_kernel("toy_interp")
+    monkeypatch.delitem(autotune.KERNELS, "toy_interp")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with autotune.tuning(timer=fake_timer):
@@ -216,3 +220,14 @@ def test_attention_kernels_are_declared():
                                   window_left=-1, window_right=0, softcap=0.0, group=1)
         assert kernel.candidates(bucket), f"{name}: empty pruned space"
         assert len(kernel.source_hash) == 16
+
+
+def test_export_ships_only_valid_entries(gpu_world, monkeypatch):
+    kernel = toy_kernel()
+    _tune_once(kernel)
+    stale = {"config": {"BLOCK": 16, "num_warps": 4, "num_stages": 2}, "source": "old", "triton": "x", "ms": 1.0}
+    store.write_entries(store.cache_path(SKU), SKU, {"toy": {"n=4,dtype=f16": stale}})
+    autotune.reset()
+    entries = autotune.valid_entries(SKU)
+    assert list(entries["toy"]) == ["n=64,dtype=f16"]
+    assert autotune.state()["kernels"]["toy"]["cache_entries"] == 2

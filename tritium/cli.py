@@ -1,5 +1,9 @@
-"""The `tritium` command. `tritium profile CASE` runs one benchmark case under the profiler:
-a Chrome/Perfetto trace, a per-kernel table, and a region nsys/ncu capture by itself.
+"""The `tritium` command.
+
+`tritium profile CASE` runs one benchmark case under the profiler: a Chrome/Perfetto trace,
+a per-kernel table, and a region nsys/ncu capture by itself. `tritium tune --model NAME`
+tunes every kernel for a model's shapes on this GPU; `tritium env` shows the device,
+versions and the autotune cache.
 
 The cases live in the repository's benchmarks/ folder, which is not part of the installed
 package: it is imported lazily, from beside the tritium package (an editable install).
@@ -17,7 +21,8 @@ from pathlib import Path
 import torch
 
 import tritium
-from tritium import profiling, runtime
+from tritium import autotune, profiling, runtime
+from tritium.autotune import store, summary, workloads
 
 # (steps, warm-up) by device: a compiled step takes micro- to milliseconds and its first
 # calls autotune; an interpreted one takes about a second.
@@ -38,7 +43,30 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--top", type=int, default=profiling.TOP, help="table rows before 'other'")
     prof.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     prof.set_defaults(run=_profile_command, error=prof.error)  # errors show this command's usage
+    tune = commands.add_parser("tune", help="tune every kernel for a model's shapes on this GPU")
+    tune.add_argument("--model", required=True, choices=sorted(workloads.MODELS))
+    tune.add_argument("--batch", type=_ints, default=[1, 8], help="batch sizes, e.g. 1,8 (default)")
+    tune.add_argument("--seqlen", type=_ints, default=[512, 2048, 8192], help="lengths (default 512,2048,8192)")
+    tune.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    tune.add_argument("--no-backward", action="store_true", help="inference only: skip the backward kernels")
+    tune.add_argument("--export", nargs="?", const="", metavar="FILE",
+                      help="also write the valid cached entries as a table to ship "
+                           "(default FILE: tritium/autotune/configs/<sku>.json)")
+    tune.set_defaults(run=_tune_command, error=tune.error)
+    env = commands.add_parser("env", help="device, versions, autotune cache and per-kernel statistics")
+    env.add_argument("--json", action="store_true", help="machine-readable output")
+    env.set_defaults(run=_env_command, error=env.error)
     return parser
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,6 +151,44 @@ def _profile(cases, args: argparse.Namespace, device: str) -> None:
     print(result.table(args.top))
     print(result.summary())
     print(f"trace: {result.trace_path} (open in https://ui.perfetto.dev or chrome://tracing)")
+
+
+def _tune_command(args: argparse.Namespace, argv: list[str]) -> None:
+    from tqdm import tqdm
+
+    if runtime.interpreted() or not torch.cuda.is_available():
+        raise SystemExit("tritium tune needs a CUDA device: under the Triton interpreter every kernel "
+                         "runs its interpreter config and nothing is tuned")
+    sku = autotune.active_sku()
+    print(f"tuning {args.model} on {sku.name} ({sku.slug}); cache: {store.cache_path(sku)}")
+    todo = list(workloads.steps(args.model, args.batch, args.seqlen, getattr(torch, args.dtype),
+                                backward=not args.no_backward))
+    skipped = []
+    with autotune.tuning():
+        for step in tqdm(todo, desc=f"tune {args.model}", unit="problem"):
+            try:
+                step.run()
+            except torch.OutOfMemoryError:
+                skipped.append(step.label)
+                torch.cuda.empty_cache()
+    print(summary.tuned_table(autotune.TUNED))
+    for label in skipped:
+        print(f"skipped (out of memory): {label}")
+    if args.export is not None:
+        path = Path(args.export) if args.export else store.shipped_path(sku)
+        entries = autotune.valid_entries(sku)
+        store.write_entries(path, sku, entries)
+        print(f"exported {sum(map(len, entries.values()))} entries to {path}")
+
+
+def _env_command(args: argparse.Namespace, argv: list[str]) -> None:
+    state = autotune.state()
+    if args.json:
+        import json
+
+        print(json.dumps(state, indent=1))
+    else:
+        print(summary.env_text(state))
 
 
 if __name__ == "__main__":

@@ -11,16 +11,19 @@ from tritium.autotune.config import Config
 from tritium.autotune.kernel import (
     KERNELS,
     STATS,
+    TUNED,
     Kernel,
     active_sku,
     bucket_name,
     override,
     reset,
+    state,
     tuning,
+    valid_entries,
 )
 from tritium.autotune.store import cache_dir, cache_path, shipped_path
 
 __all__ = [
     "Config", "KERNELS", "STATS", "Kernel", "active_sku", "bucket_name", "cache_dir", "cache_path",
-    "override", "reset", "shipped_path", "tuning",
+    "override", "reset", "shipped_path", "state", "tuning", "TUNED", "valid_entries",
 ]

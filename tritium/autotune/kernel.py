@@ -29,6 +29,7 @@ STATS: Counter = Counter()  # (kernel, source) -> resolutions, source in cache/t
 _OVERRIDES: dict[str, Config] = {}
 _TUNING: dict = {"enabled": os.environ.get("TRITIUM_AUTOTUNE", "0") == "1", "timer": tuner.gpu_timer}
 _TABLES: dict[str, dict[str, dict]] = {}  # "cache"/"table" -> {kernel: {bucket: entry}}
+TUNED: list[tuple[str, str, tuner.Result]] = []  # (kernel, bucket, result), this process
 
 
 def _keep_all(config: Config, bucket: dict) -> bool:
@@ -132,7 +133,37 @@ class Kernel:
         entry = {"config": result.config.to_json(), "source": self.source_hash, "triton": triton.__version__,
                  "ms": result.ms, "default_ms": result.default_ms}
         tables(sku)["cache"].setdefault(self.name, {})[name] = entry
+        TUNED.append((self.name, name, result))
         store.write_entries(store.cache_path(sku), sku, {self.name: {name: entry}})
+
+
+def state() -> dict:
+    """What the autotune layer holds in this process: SKU, cache path, and per kernel its
+    source hash, entries on disk, memo hits and how misses were resolved."""
+    sku = active_sku()
+    loaded = tables(sku) if sku is not None else {"cache": {}, "table": {}}
+    kernels = {}
+    for name, kernel in sorted(KERNELS.items()):
+        resolved = {source: STATS[name, source] for source in ("cache", "table", "tuned", "default")}
+        kernels[name] = {
+            "source": kernel.source_hash, "memo_hits": kernel.memo_hits, "resolved": resolved,
+            "cache_entries": len(loaded["cache"].get(name, {})), "shipped_entries": len(loaded["table"].get(name, {})),
+        }
+    return {
+        "sku": sku.to_json() if sku else None, "interpreted": interpreted(), "tuning": _TUNING["enabled"],
+        "cache_path": str(store.cache_path(sku)) if sku else str(store.cache_dir()),
+        "shipped_table": str(store.shipped_path(sku)) if sku else None, "kernels": kernels,
+    }
+
+
+def valid_entries(sku: Sku) -> dict[str, dict[str, dict]]:
+    """The cached entries for `sku` that still match their kernel's source and this Triton:
+    what `tritium tune --export` ships."""
+    cache = tables(sku)["cache"]
+    return {
+        name: {b: e for b, e in cache.get(name, {}).items() if kernel._valid(e) is not None}
+        for name, kernel in KERNELS.items() if cache.get(name)
+    }
 
 
 def bucket_name(bucket: dict) -> str:
@@ -157,6 +188,7 @@ def tables(sku: Sku) -> dict[str, dict]:
 def reset() -> None:
     """Forget memos and loaded tables (after the cache changed on disk, and in tests)."""
     _TABLES.clear()
+    TUNED.clear()
     for kernel in KERNELS.values():
         kernel._memo.clear()
         kernel.memo_hits = 0

@@ -1,0 +1,54 @@
+"""`tritium env` and `tritium tune` without a GPU; the workloads `tune` runs."""
+
+import json
+
+import pytest
+import torch
+
+from tritium.autotune import summary, workloads
+from tritium.autotune.config import Config
+from tritium.autotune.tuner import Result
+from tritium.cli import main
+
+
+def test_env_text_and_json(capsys):
+    main(["env"])
+    text = capsys.readouterr().out
+    assert "attention_fwd" in text and "triton" in text and "cache" in text
+    main(["env", "--json"])
+    state = json.loads(capsys.readouterr().out)
+    assert {"attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv"} <= set(state["kernels"])
+    assert state["interpreted"] is True and state["sku"] is None
+
+
+def test_tune_needs_a_gpu():
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        main(["tune", "--model", "gemma2-2b"])
+
+
+@pytest.mark.parametrize("bad", ["--model=llama", "--batch=0", "--seqlen=a,b"])
+def test_tune_rejects_bad_arguments(bad):
+    with pytest.raises(SystemExit) as info:
+        main(["tune", "--model", "gemma2-2b", bad] if not bad.startswith("--model") else ["tune", bad])
+    assert info.value.code == 2
+
+
+@pytest.mark.parametrize("model", ["gemma2-2b", "glm4-9b", "mvp"])
+def test_workloads_run(model):
+    """Every problem a model's tuning meets runs (tiny sizes, interpreter)."""
+    todo = list(workloads.steps(model, [1], [16], torch.float32, device="cpu"))
+    assert todo
+    for step in todo:
+        step.run()
+
+
+def test_all_models_have_workloads():
+    assert set(workloads.MODELS) == {"gemma2-2b", "gemma2-9b", "gemma2-27b", "glm4-9b", "mvp",
+                                     "bigbird-pegasus-large", "bert-large"}
+
+
+def test_tuned_table():
+    result = Result(Config({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3), ms=1.0, default_ms=1.25, tried=40)
+    text = summary.tuned_table([("attention_fwd", "head_dim=128", result)])
+    assert "1.25x" in text and "BLOCK_M=128" in text
+    assert "nothing tuned" in summary.tuned_table([])

@@ -1,0 +1,108 @@
+"""What `tritium tune --model NAME` tunes: the attention shapes of each model family, run
+through the public ops so every kernel of a call path meets its real problem bucket.
+
+MLP, norm, RoPE, block-sparse and NF4 kernels join these workloads as they are written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """One attention of a model. window: Hugging Face's sliding_window (0 = none);
+    cross: keys come from an encoder of another length; decoder: also runs KV-cache decode."""
+
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    causal: bool = True
+    window: int = 0
+    softcap: float = 0.0
+    cross: bool = False
+    decoder: bool = True
+
+
+def _gemma2(heads_q: int, heads_kv: int, head_dim: int) -> tuple[AttentionShape, ...]:
+    # Global and sliding-window layers alternate; both cap the logits at 50.
+    return (AttentionShape(heads_q, heads_kv, head_dim, softcap=50.0),
+            AttentionShape(heads_q, heads_kv, head_dim, window=4096, softcap=50.0))
+
+
+def _encoder_decoder(heads: int, head_dim: int) -> tuple[AttentionShape, ...]:
+    return (AttentionShape(heads, heads, head_dim, causal=False, decoder=False),  # encoder
+            AttentionShape(heads, heads, head_dim),  # decoder self-attention
+            AttentionShape(heads, heads, head_dim, causal=False, cross=True))  # cross-attention
+
+
+MODELS: dict[str, tuple[AttentionShape, ...]] = {
+    "gemma2-2b": _gemma2(8, 4, 256),
+    "gemma2-9b": _gemma2(16, 8, 256),
+    "gemma2-27b": _gemma2(32, 16, 128),
+    "glm4-9b": (AttentionShape(32, 2, 128),),
+    "mvp": _encoder_decoder(16, 64),
+    # The encoder's block-sparse attention is tuned with its own kernel; these are the dense ones.
+    "bigbird-pegasus-large": _encoder_decoder(16, 64)[1:],
+    "bert-large": (AttentionShape(16, 16, 64, causal=False, decoder=False),),
+}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One problem to run with tuning on: a label for the progress bar and the call."""
+
+    label: str
+    run: Callable[[], None]
+
+
+def steps(model: str, batches: list[int], seqlens: list[int], dtype: torch.dtype,
+          device: str = "cuda", backward: bool = True) -> Iterator[Step]:
+    """The calls that meet every attention problem of `model` at these sizes: prefill
+    (forward, and backward when `backward`) and, for decoders, one decode step at each
+    context length."""
+    for shape in MODELS[model]:
+        for batch in batches:
+            for seqlen in seqlens:
+                yield Step(f"{shape.head_dim}d {batch}x{seqlen} prefill" + (" +bwd" if backward else ""),
+                           _prefill(shape, batch, seqlen, dtype, device, backward))
+                if shape.decoder:
+                    yield Step(f"{shape.head_dim}d {batch}x{seqlen} decode", _decode(shape, batch, seqlen, dtype, device))
+
+
+def _window(shape: AttentionShape) -> tuple[int, int]:
+    return (shape.window - 1, 0) if shape.window else (-1, -1)
+
+
+def _prefill(shape, batch, seqlen, dtype, device, backward) -> Callable[[], None]:
+    def run():
+        import tritium
+
+        # Cross-attention: a summary (a quarter of the source's length) reads the source.
+        seqlen_q = max(seqlen // 4, 1) if shape.cross else seqlen
+        q = torch.randn(batch, seqlen_q, shape.heads_q, shape.head_dim, device=device, dtype=dtype)
+        k, v = (torch.randn(batch, seqlen, shape.heads_kv, shape.head_dim, device=device, dtype=dtype)
+                for _ in range(2))
+        for x in (q, k, v):
+            x.requires_grad_(backward)
+        out = tritium.flash_attention(q, k, v, causal=shape.causal, window_size=_window(shape), softcap=shape.softcap)
+        if backward:
+            out.backward(torch.randn_like(out))
+
+    return run
+
+
+def _decode(shape, batch, context, dtype, device) -> Callable[[], None]:
+    def run():
+        import tritium
+
+        cache = (batch, context, shape.heads_kv, shape.head_dim)
+        k_cache, v_cache = (torch.randn(cache, device=device, dtype=dtype) for _ in range(2))
+        q = torch.randn(batch, 1, shape.heads_q, shape.head_dim, device=device, dtype=dtype)
+        tritium.flash_attention_with_kvcache(q, k_cache, v_cache, context - 1, causal=True,
+                                             window_size=_window(shape), softcap=shape.softcap)
+
+    return run
