@@ -12,6 +12,7 @@ from tritium import autotune
 from tritium.kernels import attention_tuning as tuning
 from tritium.kernels.online_softmax import (
     _logits,
+    _load_rows,
     _lse_log2,
     _span,
     _tanh,
@@ -38,8 +39,8 @@ def _bwd_delta_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od, mask=ok, other=0.0)
-    do = tl.load(DOut + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + offs_d[None, :] * stride_dd, mask=ok, other=0.0)
+    o = _load_rows(Out + b * stride_ob + h * stride_oh, rows, stride_om, offs_d, stride_od, ok)
+    do = _load_rows(DOut + b * stride_db + h * stride_dh, rows, stride_dm, offs_d, stride_dd, ok)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + pid_bh.to(tl.int64) * seqlen_q + rows, delta, mask=rows < seqlen_q)
 
@@ -48,7 +49,7 @@ def _bwd_delta_kernel(
 def _bwd_dq_blocks(
     dq, q, do, lse2, delta, k_base, v_base, km_base, start, end,
     pos, seqlen_k, left, right, qk_scale, cap_log2,
-    stride_kn, stride_vn, stride_mn, offs_n, koffs_d, voffs_d, d_ok,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, offs_n, offs_d, d_ok,
     MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -56,8 +57,8 @@ def _bwd_dq_blocks(
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         kv_ok = (cols[:, None] < seqlen_k) & d_ok[None, :]
-        k = tl.load(k_base + koffs_d[None, :] + cols[:, None] * stride_kn, mask=kv_ok, other=0.0)
-        v = tl.load(v_base + voffs_d[None, :] + cols[:, None] * stride_vn, mask=kv_ok, other=0.0)
+        k = _load_rows(k_base, cols, stride_kn, offs_d, stride_kd, kv_ok)
+        v = _load_rows(v_base, cols, stride_vn, offs_d, stride_vd, kv_ok)
         s, t = _logits(q, tl.trans(k), qk_scale, cap_log2, SOFTCAP, PRECISION)
         if MASKED:
             s = tl.where(_visible(pos[:, None], cols[None, :], left, right, seqlen_k), s, float("-inf"))
@@ -99,8 +100,8 @@ def _attn_bwd_dq_kernel(
     row_ok = rows < seqlen_q
     ok = row_ok[:, None] & d_ok[None, :]
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=ok, other=0.0)
-    do = tl.load(DOut + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + offs_d[None, :] * stride_dd, mask=ok, other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qm, offs_d, stride_qd, ok)
+    do = _load_rows(DOut + b * stride_db + h * stride_dh, rows, stride_dm, offs_d, stride_dd, ok)
     lse2 = _lse_log2(Lse + pid_bh.to(tl.int64) * seqlen_q, rows, row_ok)
     delta = tl.load(Delta + pid_bh.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=0.0)
 
@@ -111,19 +112,17 @@ def _attn_bwd_dq_kernel(
     k_base = K + b * stride_kb + kv_head * stride_kh
     v_base = V + b * stride_vb + kv_head * stride_vh
     km_base = KeyMask + b * stride_mb
-    koffs_d = offs_d * stride_kd
-    voffs_d = offs_d * stride_vd
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_blocks(dq, q, do, lse2, delta, k_base, v_base, km_base, lo, full_lo, pos, seqlen_k,
-                        window_left, window_right, qk_scale, cap_log2, stride_kn, stride_vn, stride_mn,
-                        offs_n, koffs_d, voffs_d, d_ok, True, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_N)
+                        window_left, window_right, qk_scale, cap_log2, stride_kn, stride_kd, stride_vn, stride_vd,
+                        stride_mn, offs_n, offs_d, d_ok, True, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_N)
     dq = _bwd_dq_blocks(dq, q, do, lse2, delta, k_base, v_base, km_base, full_lo, full_hi, pos, seqlen_k,
-                        window_left, window_right, qk_scale, cap_log2, stride_kn, stride_vn, stride_mn,
-                        offs_n, koffs_d, voffs_d, d_ok, False, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_N)
+                        window_left, window_right, qk_scale, cap_log2, stride_kn, stride_kd, stride_vn, stride_vd,
+                        stride_mn, offs_n, offs_d, d_ok, False, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_N)
     dq = _bwd_dq_blocks(dq, q, do, lse2, delta, k_base, v_base, km_base, full_hi, hi, pos, seqlen_k,
-                        window_left, window_right, qk_scale, cap_log2, stride_kn, stride_vn, stride_mn,
-                        offs_n, koffs_d, voffs_d, d_ok, True, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_N)
+                        window_left, window_right, qk_scale, cap_log2, stride_kn, stride_kd, stride_vn, stride_vd,
+                        stride_mn, offs_n, offs_d, d_ok, True, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_N)
     dq_ptrs = DQ + ((b * seqlen_q + rows[:, None]) * heads_q + h) * HEAD_DIM + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=ok)
 
@@ -132,7 +131,7 @@ def _attn_bwd_dq_kernel(
 def _bwd_dkdv_blocks(
     dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, start, end,
     cols, shift, seqlen_q, seqlen_k, left, right, qk_scale, cap_log2,
-    stride_qm, stride_dm, offs_m, qoffs_d, dooffs_d, d_ok,
+    stride_qm, stride_qd, stride_dm, stride_dd, offs_m, offs_d, d_ok,
     MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -141,8 +140,8 @@ def _bwd_dkdv_blocks(
         rows = start_m + offs_m
         row_ok = rows < seqlen_q
         ok = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + qoffs_d[None, :] + rows[:, None] * stride_qm, mask=ok, other=0.0)
-        do = tl.load(do_base + dooffs_d[None, :] + rows[:, None] * stride_dm, mask=ok, other=0.0)
+        q = _load_rows(q_base, rows, stride_qm, offs_d, stride_qd, ok)
+        do = _load_rows(do_base, rows, stride_dm, offs_d, stride_dd, ok)
         lse2 = _lse_log2(lse_base, rows, row_ok)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         sT, tT = _logits(k, tl.trans(q), qk_scale, cap_log2, SOFTCAP, PRECISION)
@@ -186,8 +185,8 @@ def _attn_bwd_dkdv_kernel(
     col_ok = cols < seqlen_k
     ok = col_ok[:, None] & d_ok[None, :]
 
-    k = tl.load(K + b * stride_kb + kv_head * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=ok, other=0.0)
-    v = tl.load(V + b * stride_vb + kv_head * stride_vh + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=ok, other=0.0)
+    k = _load_rows(K + b * stride_kb + kv_head * stride_kh, cols, stride_kn, offs_d, stride_kd, ok)
+    v = _load_rows(V + b * stride_vb + kv_head * stride_vh, cols, stride_vn, offs_d, stride_vd, ok)
     keep = col_ok
     if HAS_KEY_MASK:
         keep = tl.load(KeyMask + b * stride_mb + cols * stride_mn, mask=col_ok, other=0) != 0
@@ -196,8 +195,6 @@ def _attn_bwd_dkdv_kernel(
     shift = seqlen_k - seqlen_q
     last = tl.minimum((pid_n + 1) * BLOCK_N, seqlen_k) - 1 - shift
     lo, full_lo, full_hi, hi = _span(pid_n * BLOCK_N - shift, last, window_right, window_left, seqlen_q, BLOCK_M)
-    qoffs_d = offs_d * stride_qd
-    dooffs_d = offs_d * stride_dd
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -209,17 +206,17 @@ def _attn_bwd_dkdv_kernel(
         dk, dv = _bwd_dkdv_blocks(
             dk, dv, k, v, keep, q_base, do_base, Lse + row_base, Delta + row_base, lo, full_lo,
             cols, shift, seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_log2,
-            stride_qm, stride_dm, offs_m, qoffs_d, dooffs_d, d_ok,
+            stride_qm, stride_qd, stride_dm, stride_dd, offs_m, offs_d, d_ok,
             True, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_M)
         dk, dv = _bwd_dkdv_blocks(
             dk, dv, k, v, keep, q_base, do_base, Lse + row_base, Delta + row_base, full_lo, full_hi,
             cols, shift, seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_log2,
-            stride_qm, stride_dm, offs_m, qoffs_d, dooffs_d, d_ok,
+            stride_qm, stride_qd, stride_dm, stride_dd, offs_m, offs_d, d_ok,
             False, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_M)
         dk, dv = _bwd_dkdv_blocks(
             dk, dv, k, v, keep, q_base, do_base, Lse + row_base, Delta + row_base, full_hi, hi,
             cols, shift, seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_log2,
-            stride_qm, stride_dm, offs_m, qoffs_d, dooffs_d, d_ok,
+            stride_qm, stride_qd, stride_dm, stride_dd, offs_m, offs_d, d_ok,
             True, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_M)
     out_off = ((b * seqlen_k + cols[:, None]) * heads_kv + kv_head) * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)

@@ -81,6 +81,12 @@ def _softmax_step(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(base, rows, stride_row, offs_d, stride_d, ok):
+    """A (rows, head_dim) tile of a strided (seqlen, head_dim) slice; 0 where not ok."""
+    return tl.load(base + rows[:, None] * stride_row + offs_d[None, :] * stride_d, mask=ok, other=0.0)
+
+
+@triton.jit
 def _lse_log2(Lse, rows, ok):
     """Load natural-log lse as log2 units for recomputing P = exp2(s - lse). Rows that saw
     no key have lse = -inf; +inf makes every p of theirs exp2(-inf) = 0."""
