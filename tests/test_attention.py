@@ -118,6 +118,14 @@ def test_noncontiguous_inputs():
     check_against_reference(q, k, v, None, dict(window_size=(7, 3)), dout)
 
 
+def test_expanded_grad_output():
+    """out.sum().backward() hands the backward a stride-0 dout."""
+    q, k, v, _ = make_inputs(Case(seqlen_q=20, seqlen_k=33, heads_q=4, heads_kv=2), torch.float32)
+    dout = torch.ones(1, device=DEVICE).expand(q.shape)
+    assert dout.stride() == (0, 0, 0, 0)
+    check_against_reference(q, k, v, None, dict(causal=True), dout)
+
+
 @pytest.mark.parametrize("block_m,block_n", [(16, 64), (64, 16), (16, 16), (128, 64)])
 def test_tile_shapes(block_m, block_n):
     """The span logic (masked edges, unmasked middle) must hold for any tile shape."""
