@@ -1,5 +1,5 @@
-"""`python -m benchmarks run` measures suites and writes a report; `python -m benchmarks
-report results.json` rebuilds README.md and the plots from a results file.
+"""`python -m benchmarks run` measures suites and writes a report; `report` rebuilds the
+report from one or more results.json; `compare` gates a run against a baseline.
 
 Only torch is imported before the device is known: without CUDA, TRITON_INTERPRET=1 must
 be set before triton or tritium is first imported, because Triton chooses between the
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import suites
+from benchmarks import compare, results, suites
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,9 +29,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default: reports/<device-slug>/)")
     run.add_argument("--filter", metavar="SUBSTRING", help="only cases whose name contains SUBSTRING")
     run.add_argument("--mode", choices=("fwd", "fwd+bwd", "decode"), help="only this mode")
-    rebuild = commands.add_parser("report", help="rebuild README.md and plots from a results.json")
-    rebuild.add_argument("results", type=Path, help="a results.json written by `run`")
-    rebuild.add_argument("--out", type=Path, help="output folder (default: the folder of results.json)")
+    rebuild = commands.add_parser("report", help="write README.md and plots from results.json files of one device")
+    rebuild.add_argument("results", type=Path, nargs="+",
+                         help="results.json files written by `run` (or their folders); a later file's rows "
+                              "replace an earlier one's for the same (kernel, backend, mode, case)")
+    rebuild.add_argument("--out", type=Path, help="output folder (default: the folder of the only results.json)")
+    gate = commands.add_parser("compare", help="compare two runs case by case; exit status 1 on a regression")
+    gate.add_argument("new", type=Path, help="results.json (or its folder) of the run under test")
+    gate.add_argument("baseline", type=Path, help="results.json (or its folder) to compare against")
+    gate.add_argument("--max-regression", type=compare.parse_threshold, default=0.05, metavar="FRACTION",
+                      help="slowdown of the median that fails, as 5%% or 0.05 (default 5%%)")
+    gate.add_argument("--backend", default="tritium",
+                      help='backends compared: a name, several comma-separated, or "all" (default: tritium)')
+    gate.add_argument("--out", type=Path, help="also write the comparison as Markdown to this file")
+    gate.add_argument("--allow-device-mismatch", action="store_true", help="compare runs from different devices")
     return parser
 
 
@@ -48,17 +59,55 @@ def _choose_device(parser: argparse.ArgumentParser, requested: str | None) -> st
     return device
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of `python -m benchmarks`."""
+def _load(parser: argparse.ArgumentParser, path: Path) -> tuple[dict, list[dict]]:
+    try:
+        return results.load(results.locate(path))
+    except (OSError, ValueError, KeyError) as exc:
+        parser.error(f"cannot read results from {path}: {exc!r}")
+
+
+def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    from benchmarks import report  # matplotlib: only for the commands that draw
+
+    if args.out is None and len(args.results) > 1:
+        parser.error("report: --out is required with several results files")
+    runs = {str(path): _load(parser, path) for path in args.results}
+    mismatch = results.device_mismatch({name: metadata for name, (metadata, _) in runs.items()})
+    if mismatch:
+        parser.error(f"report: cannot merge {mismatch}")
+    out = args.out or results.locate(args.results[0]).parent
+    report.write(out, *results.merge(list(runs.values())))
+    return out
+
+
+def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    (new_meta, new_rows), (base_meta, base_rows) = _load(parser, args.new), _load(parser, args.baseline)
+    mismatch = results.device_mismatch({"NEW": new_meta, "BASELINE": base_meta})
+    if mismatch and not args.allow_device_mismatch:
+        parser.error(f"compare: {mismatch}; pass --allow-device-mismatch to compare anyway")
+    backends = None if args.backend == "all" else set(args.backend.split(","))
+    result = compare.compare(new_rows, base_rows, args.max_regression, backends)
+    if not result.compared:
+        # A gate that compared nothing must not pass silently (a misspelt --backend, say).
+        parser.error(f"compare: no case of backend {args.backend!r} was measured in both runs")
+    sides = {"NEW": compare.describe(args.new, new_meta), "BASELINE": compare.describe(args.baseline, base_meta)}
+    text = compare.markdown(result, args.max_regression, sides, new_meta["interpreted"] or base_meta["interpreted"])
+    print(text, end="")
+    if args.out:
+        results.write_atomic(args.out, text)
+    return 1 if result.regressions else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m benchmarks`; returns the exit status (compare: 1 on a
+    regression). Usage errors exit with status 2."""
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        return _compare(parser, args)
     if args.command == "report":
-        from benchmarks import report, results
-
-        metadata, rows = results.load(args.results)
-        out = args.out or args.results.parent
-        report.write(out, metadata, rows)
+        out = _report(parser, args)
     else:
         device = _choose_device(parser, args.device)
         from benchmarks import runner  # imports triton, so only after _choose_device
@@ -66,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         out = runner.run(suite=args.suite, device=device, quick=args.quick, filter=args.filter,
                          mode=args.mode, out=args.out, command=argv)
     print(f"wrote {Path(out) / 'README.md'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

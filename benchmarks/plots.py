@@ -1,5 +1,6 @@
 """PNG figures of one (kernel, mode) table: throughput against x per backend with p20-p80
-bands, one panel per case group, and tritium's speedup over each other backend.
+bands, one panel per case group; tritium's speedup over each other backend; and each
+backend's achieved % of the measured peak per case (roofline %), when a peak was measured.
 
 Figures are built without pyplot, so no GUI backend is ever chosen: PNGs render with Agg.
 """
@@ -26,10 +27,15 @@ def figure_label(metadata: dict) -> str:
 
 
 def write_figures(out_dir: Path, kernel: str, mode: str, rows: list[dict], metadata: dict) -> list[str]:
-    """Write {kernel}-{mode}-throughput.png and -speedup.png for the rows of one table;
-    returns the file names written (no speedup figure without tritium and a rival)."""
+    """Write {kernel}-{mode}-throughput.png, -speedup.png and -roofline.png for the rows of
+    one table; returns the file names written (no speedup figure without tritium and a
+    rival, no roofline figure without a measured peak)."""
     stem = f"{kernel}-{mode.replace('+', '-')}"
-    figures = {"throughput": _throughput_figure(rows, metadata), "speedup": _speedup_figure(rows)}
+    figures = {
+        "throughput": _throughput_figure(rows, metadata),
+        "speedup": _speedup_figure(rows),
+        "roofline": _roofline_figure(rows),
+    }
     names = []
     for kind, figure in figures.items():
         if figure is None:
@@ -83,19 +89,33 @@ def _throughput_figure(rows: list[dict], metadata: dict):
             ax.fill_between(xs, [_throughput(r, r["ms_p80"]) for r in line],
                             [_throughput(r, r["ms_p20"]) for r in line], color=color, alpha=0.2, lw=0)
         _style_axis(ax, group, measured[0]["x_name"], unit, peak)
+    _shared_legend(figure, axes)
+    return figure
+
+
+def _shared_legend(figure, axes) -> None:
     # One legend for all panels: a backend skipped in the first panel may be drawn in others.
     handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
     figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), frameon=False,
                   bbox_to_anchor=(0.5, -0.02))
     figure.tight_layout(rect=(0, 0.05, 1, 0.95))
-    return figure
+
+
+def _x_label(x: int) -> str:
+    return f"{x // 1024}k" if x >= 1024 and x % 1024 == 0 else str(x)
+
+
+def _bar_positions(slot: int, slots: int, count: int) -> tuple[list[float], float]:
+    """Centres of bar `slot` of `slots` side by side at 0..count-1, and the bar width."""
+    width = 0.8 / slots
+    return [j + (slot - (slots - 1) / 2) * width for j in range(count)], width
 
 
 def _style_axis(ax, group: str, x_name: str, unit: str, peak: float | None) -> None:
     ax.set_title(group, fontsize=9)
     ax.set_xscale("log", base=2)
     xs = sorted({x for line in ax.get_lines() for x in line.get_xdata()})
-    ax.set_xticks(xs, [f"{x // 1024}k" if x >= 1024 and x % 1024 == 0 else str(x) for x in xs])
+    ax.set_xticks(xs, [_x_label(x) for x in xs])
     ax.minorticks_off()
     ax.set_xlabel(x_name)
     ax.set_ylabel(f"{unit} (median, p20-p80 band)", fontsize=8)
@@ -116,11 +136,10 @@ def _speedup_figure(rows: list[dict]):
     colors = _colors(rows)
     figure = Figure(figsize=(max(7.0, 0.3 * len(groups) * len(rivals) + 2.5), 4.6))
     ax = figure.subplots()
-    width = 0.8 / len(rivals)
     for i, rival in enumerate(rivals):
         heights = [per_group[g].get(rival, (None, 0))[0] or math.nan for g in groups]
-        bars = ax.bar([j + (i - (len(rivals) - 1) / 2) * width for j in range(len(groups))], heights, width,
-                      color=colors[rival], label=f"vs {rival}")
+        positions, width = _bar_positions(i, len(rivals), len(groups))
+        bars = ax.bar(positions, heights, width, color=colors[rival], label=f"vs {rival}")
         ax.bar_label(bars, ["" if math.isnan(h) else f"{h:.3g}x" for h in heights], fontsize=7, rotation=90, padding=2)
     ax.axhline(1.0, color="black", lw=0.8)
     # Log scale: 1.2x over a fused kernel and 30x over eager belong on one chart; the
@@ -135,4 +154,31 @@ def _speedup_figure(rows: list[dict]):
     ax.legend(fontsize=8, ncol=len(rivals), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     figure.tight_layout(rect=(0, 0, 1, 0.95))
+    return figure
+
+
+def _roofline_figure(rows: list[dict]):
+    """Bars per group: each backend's headline throughput as % of the measured peak, per x."""
+    measured = [r for r in rows if r[f"{r['headline']}_pct_peak"] is not None]
+    if not measured:
+        return None
+    unit = UNITS[measured[0]["headline"]][0]
+    colors = _colors(rows)
+    groups = ordered(r["group"] for r in measured)
+    figure, axes = _grid(len(groups))
+    for ax, group in zip(axes, groups):
+        in_group = [r for r in measured if r["group"] == group]
+        xs = sorted({r["x"] for r in in_group})
+        backends = ordered(r["backend"] for r in in_group)
+        for i, backend in enumerate(backends):
+            pct = {r["x"]: r[f"{r['headline']}_pct_peak"] for r in in_group if r["backend"] == backend}
+            positions, width = _bar_positions(i, len(backends), len(xs))
+            ax.bar(positions, [pct.get(x, math.nan) for x in xs], width, color=colors[backend], label=backend)
+        ax.axhline(100, color="black", lw=0.8)
+        ax.set_title(group, fontsize=9)
+        ax.set_xticks(range(len(xs)), [_x_label(x) for x in xs])
+        ax.set_xlabel(measured[0]["x_name"])
+        ax.set_ylabel(f"% of measured peak {unit} (median)", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    _shared_legend(figure, axes)
     return figure

@@ -1,5 +1,6 @@
-"""README.md of a results folder: run metadata, one table per (kernel, mode) with tritium's
-geometric-mean speedups, skipped backends, and the plots. Readable without results.json."""
+"""README.md of a results folder: run metadata, a summary of tritium's speedups per suite,
+one table per (kernel, mode) with its geometric-mean speedups, skipped backends and plots,
+and the autotuner's chosen configs. Readable without results.json."""
 
 from __future__ import annotations
 
@@ -8,51 +9,113 @@ from pathlib import Path
 
 from benchmarks import plots
 from benchmarks.results import write_atomic
-from benchmarks.summary import SUBJECT, ordered, speedups_over, tables
+from benchmarks.summary import (
+    SUBJECT,
+    geomean,
+    number,
+    ordered,
+    speedup_ratios,
+    speedups_over,
+    tables,
+)
+
+LEGEND = (
+    "Each cell: median time · throughput (% of the measured peak above) · speedup over the "
+    "table's baseline. p20/p80 times, both throughputs, errors and a `reproduce` command "
+    "for every row are in results.csv and results.json."
+)
 
 
 def write(out_dir: Path, metadata: dict, rows: list[dict]) -> None:
-    """Write README.md and the PNG plots for `rows` into out_dir."""
-    sections = [_header(metadata)]
+    """Write README.md and the PNG plots for `rows` into out_dir. `metadata` is one run's,
+    or results.merge's (with "sources", every merged run's metadata)."""
+    sections = [_header(metadata), _summary(rows, metadata)]
     for (kernel, mode), table in tables(rows).items():
         images = plots.write_figures(out_dir, kernel, mode, table, metadata)
         sections.append(_section(kernel, mode, table, images))
+    sections.append(_autotune_section(_runs(metadata)))
     write_atomic(Path(out_dir) / "README.md", "\n\n".join(sections) + "\n")
-
-
-def _num(value: float | None, unit: str = "") -> str:
-    if value is None:
-        return "n/a"
-    # Three significant digits, without the exponent .3g would give 2900 or 560.
-    return (f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}") + unit
 
 
 def _ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}x"
 
 
+def _runs(metadata: dict) -> list[dict]:
+    return metadata.get("sources") or [metadata]
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def _sku(m: dict) -> str:
+    sku = m.get("device_sku")
+    if not sku or sku.get("sm_count") is None:
+        return "n/a"
+    return f"{sku['name']} · {sku['sm_count']} SMs · {sku['memory_gib']} GiB · compute capability {sku['compute_capability']}"
+
+
+def _autotune_summary(m: dict) -> str:
+    state = m.get("autotune", "unknown")
+    if not isinstance(state, dict):
+        return str(state)
+    used = sum(len(k["configs"]) for k in state.values())
+    return f"{len(state)} kernels registered, {used} configs used (see Autotune state)"
+
+
+# The metadata table: a label, then how to render one run's value. Older results files
+# lack driver, SKU and autotune: those read n/a.
+_METADATA = (
+    ("device", lambda m: m["device"]),
+    ("device SKU", _sku),
+    ("GPU driver", lambda m: m.get("driver", "n/a")),
+    ("Triton interpreter", lambda m: "yes" if m["interpreted"] else "no"),
+    ("torch / triton / tritium", lambda m: f"{m['torch']} / {m['triton']} / {m['tritium']}"),
+    ("CUDA / Python", lambda m: f"{m['cuda'] or 'n/a'} / {m['python']}"),
+    ("git commit", lambda m: m["git_commit"] + (" (uncommitted changes)" if m.get("git_dirty") else "")),
+    ("date (UTC)", lambda m: m["date"]),
+    ("command", lambda m: f"`{m['command']}`"),
+    ("wall time", lambda m: f"{m['wall_s']:.0f} s"),
+    ("peak bf16 GEMM (8192³ matmul, measured)", lambda m: f"{number(m['peak_bf16_tflops'])} TFLOP/s"),
+    ("peak copy bandwidth (device-to-device, measured)", lambda m: f"{number(m['peak_copy_gbps'])} GB/s"),
+    ("autotune", _autotune_summary),
+)
+
+
 def _header(m: dict) -> str:
+    runs = _runs(m)
     banner = f"\n\n> **{plots.INTERPRETER_LABEL}**" if m["interpreted"] else ""
-    commit = m["git_commit"] + (" (uncommitted changes)" if m.get("git_dirty") else "")
-    table = "\n".join([
-        "| | |\n| --- | --- |",
-        f"| device | {m['device']} |",
-        f"| Triton interpreter | {'yes' if m['interpreted'] else 'no'} |",
-        f"| torch / triton / tritium | {m['torch']} / {m['triton']} / {m['tritium']} |",
-        f"| CUDA / Python | {m['cuda'] or 'n/a'} / {m['python']} |",
-        f"| git commit | {commit} |",
-        f"| date (UTC) | {m['date']} |",
-        f"| command | `{m['command']}` |",
-        f"| wall time | {m['wall_s']:.0f} s |",
-        f"| peak bf16 GEMM (8192³ matmul, measured) | {_num(m['peak_bf16_tflops'])} TFLOP/s |",
-        f"| peak copy bandwidth (device-to-device, measured) | {_num(m['peak_copy_gbps'])} GB/s |",
-    ])
-    legend = (
-        "Each cell: median time · throughput (% of the measured peak above) · speedup over the "
-        "table's baseline. p20/p80 times, both throughputs, errors and a `reproduce` command "
-        "for every row are in results.csv and results.json."
-    )
-    return f"# Benchmarks: {m['device']}{banner}\n\n{table}\n\n{legend}"
+    lines = ["| | |", "| --- | --- |"] + [f"| merged runs | {len(runs)} |"] * (len(runs) > 1)
+    # Merged runs may differ (commit, date, peaks): each distinct value is shown once.
+    lines += [f"| {label} | {'<br>'.join(ordered(map(render, runs)))} |" for label, render in _METADATA]
+    return f"# Benchmarks: {m['device']}{banner}\n\n" + "\n".join(lines) + f"\n\n{LEGEND}"
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _summary(rows: list[dict], metadata: dict) -> str:
+    """Per suite and peer: geometric mean, count and range of tritium's speedups."""
+    table = [
+        f"| {suite} | {peer} | {_ratio(geomean(ratios))} | {len(ratios)} | {_ratio(min(ratios))} to {_ratio(max(ratios))} |"
+        for suite in ordered(r["suite"] for r in rows)
+        for peer, ratios in speedup_ratios([r for r in rows if r["suite"] == suite]).items()
+        if ratios
+    ]
+    parts = [
+        "## Summary",
+        (f"Speedup of {SUBJECT} over each peer (the peer's median time / {SUBJECT}'s) over every "
+         f"(kernel, mode, case) both measured; above 1x {SUBJECT} is faster."),
+        f"| suite | peer | geomean speedup of {SUBJECT} | cases | range |\n| --- | --- | --- | --- | --- |\n"
+        + "\n".join(table) if table else f"No case was measured with both {SUBJECT} and a peer.",
+    ]
+    if not any(r[f"{r['headline']}_pct_peak"] is not None for r in rows):
+        where = "on CPU-interpreter" if metadata["interpreted"] else "in this run"
+        parts.append(f"Roofline plots (% of the measured peak): n/a {where}, where no peak is measured.")
+    return "\n\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- tables
 
 
 def _cell(row: dict) -> str:
@@ -62,7 +125,7 @@ def _cell(row: dict) -> str:
     unit = plots.UNITS[metric][0]
     pct = row[f"{metric}_pct_peak"]
     pct_text = "n/a" if pct is None else f"{pct:.0f}%"
-    return f"{_num(row['ms_p50'], ' ms')}<br>{_num(row[metric])} {unit} ({pct_text})<br>{_ratio(row['speedup'])}"
+    return f"{number(row['ms_p50'], ' ms')}<br>{number(row[metric])} {unit} ({pct_text})<br>{_ratio(row['speedup'])}"
 
 
 def _section(kernel: str, mode: str, rows: list[dict], images: list[str]) -> str:
@@ -78,10 +141,11 @@ def _section(kernel: str, mode: str, rows: list[dict], images: list[str]) -> str
     ]
     for case in ordered(r["case"] for r in rows):
         cells = [_cell(by_key[case, b]) if (case, b) in by_key else "" for b in backends]
-        lines.append(f"| {case} | {by_key[case, backends[0]]['x']} | " + " | ".join(cells) + " |")
+        x = next(r["x"] for r in rows if r["case"] == case)
+        lines.append(f"| {case} | {x} | " + " | ".join(cells) + " |")
     worst = [max((r["max_abs_err"] for r in rows if r["backend"] == b and r["max_abs_err"] is not None), default=None)
              for b in backends]
-    lines.append("| max abs error vs float64 (worst case) | | " + " | ".join(_num(w) for w in worst) + " |")
+    lines.append("| max abs error vs float64 (worst case) | | " + " | ".join(number(w) for w in worst) + " |")
     text = "\n\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:])
     return text + _notes(rows) + "".join(f"\n\n![{name}]({name})" for name in images)
 
@@ -98,3 +162,32 @@ def _notes(rows: list[dict]) -> str:
         return ""
     items = [f"- {backend}, {count} case(s): {note}" for (backend, note), count in notes.items()]
     return "\n\nNotes:\n\n" + "\n".join(items)
+
+
+# ----------------------------------------------------------------------------- autotune
+
+
+def _autotune_section(runs: list[dict]) -> str:
+    """Per kernel: where its lookups found configs, and the configs it launched with."""
+    states = [m.get("autotune", "unknown") for m in runs]
+    title = "## Autotune state"
+    if not all(isinstance(s, dict) for s in states):
+        return f"{title}\n\nunknown: this results file does not record it."
+    # Distinct rows over merged runs: runs that used the same configs show them once.
+    rows = ordered(
+        f"| {name} | {_counts(kernel['resolved'])} | {kernel['memo_hits']} | "
+        f"{'<br>'.join(map(_config, kernel['configs'])) or 'none'} |"
+        for state in states for name, kernel in state.items()
+    )
+    note = ("Under the Triton interpreter kernels run their fixed interpreter configs: nothing is "
+            "looked up or tuned.\n\n" if runs[0]["interpreted"] else "")
+    return (f"{title}\n\n{note}| kernel | configs resolved from | memo hits | configs used |\n"
+            "| --- | --- | --- | --- |\n" + "\n".join(rows))
+
+
+def _counts(counts: dict) -> str:
+    return " · ".join(f"{source} {count}" for source, count in counts.items()) or "none"
+
+
+def _config(config: dict) -> str:
+    return ", ".join(f"{name}={value}" for name, value in config.items())

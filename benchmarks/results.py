@@ -1,4 +1,5 @@
-"""results.json (metadata + long-format rows) and results.csv, written atomically."""
+"""results.json (metadata + long-format rows) and results.csv, written atomically; loading
+and merging them back."""
 
 from __future__ import annotations
 
@@ -42,3 +43,37 @@ def load(path: Path) -> tuple[dict, list[dict]]:
     with open(path) as f:
         data = json.load(f)
     return data["metadata"], data["rows"]
+
+
+def locate(path: Path) -> Path:
+    """`path` itself, or the results.json inside it when it is a folder."""
+    path = Path(path)
+    return path / "results.json" if path.is_dir() else path
+
+
+def row_key(row: dict) -> tuple[str, str, str, str]:
+    """What identifies a row across runs: (kernel, backend, mode, case)."""
+    return row["kernel"], row["backend"], row["mode"], row["case"]
+
+
+def device_mismatch(named: dict[str, dict]) -> str | None:
+    """A message naming each run's device when the metadata in `named` (label -> metadata)
+    come from more than one device; None when they agree."""
+    if len({m["device"] for m in named.values()}) <= 1:
+        return None
+    return "results from different devices: " + "; ".join(f"{label} on {m['device']!r}" for label, m in named.items())
+
+
+def merge(runs: list[tuple[dict, list[dict]]]) -> tuple[dict, list[dict]]:
+    """One (metadata, rows) from several runs on one device (check device_mismatch first).
+
+    Rows keep the order of first appearance; a later run's row replaces an earlier one with
+    the same row_key, so re-running a few cases updates a full run. The metadata are the
+    first run's plus "sources": every run's metadata, which the report lists.
+    """
+    if len(runs) == 1:
+        return runs[0]
+    merged: dict[tuple, dict] = {}
+    for _, rows in runs:
+        merged.update((row_key(r), r) for r in rows)
+    return {**runs[0][0], "sources": [m for m, _ in runs]}, list(merged.values())

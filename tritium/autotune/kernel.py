@@ -13,6 +13,7 @@ import functools
 import hashlib
 import inspect
 import itertools
+import json
 import os
 from collections import Counter
 from typing import Callable, Iterator
@@ -139,14 +140,17 @@ class Kernel:
 
 def state() -> dict:
     """What the autotune layer holds in this process: SKU, cache path, and per kernel its
-    source hash, entries on disk, memo hits and how misses were resolved."""
+    source hash, entries on disk, memo hits, how misses were resolved and the distinct
+    configs launched."""
     sku = active_sku()
     loaded = tables(sku) if sku is not None else {"cache": {}, "table": {}}
     kernels = {}
     for name, kernel in sorted(KERNELS.items()):
         resolved = {source: STATS[name, source] for source in ("cache", "table", "tuned", "default")}
+        configs = {json.dumps(c.to_json(), sort_keys=True): c.to_json() for c in kernel._memo.values()}
         kernels[name] = {
             "source": kernel.source_hash, "memo_hits": kernel.memo_hits, "resolved": resolved,
+            "configs": list(configs.values()),
             "cache_entries": len(loaded["cache"].get(name, {})), "shipped_entries": len(loaded["table"].get(name, {})),
         }
     return {

@@ -11,8 +11,8 @@ import triton.language as tl
 from tritium import autotune
 from tritium.kernels import attention_tuning as tuning
 from tritium.kernels.online_softmax import (
-    _logits,
     _load_rows,
+    _logits,
     _lse_log2,
     _span,
     _tanh,
