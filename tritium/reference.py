@@ -80,3 +80,102 @@ def attention(
     probs = torch.softmax(scores, dim=-1).masked_fill(~visible.any(-1, keepdim=True), 0.0)
     out = torch.matmul(probs.to(vh.dtype), vh).transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: torch.nn.functional.gelu(x),
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "relu": torch.relu,
+    "silu": torch.nn.functional.silu,
+}
+
+
+def activation(x: torch.Tensor, name: str | None) -> torch.Tensor:
+    """The MLP activations by tritium's names ("gelu" exact; "gelu_tanh" is transformers'
+    gelu_new / gelu_pytorch_tanh); None is the identity."""
+    return x if name is None else ACTIVATIONS[name](x)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    offset: float = 0.0,
+    residual: torch.Tensor | None = None,
+    multiply_in_float32: bool | None = None,
+):
+    """RMSNorm over the last dim, cast exactly where transformers casts.
+
+    residual: when given, x + residual (in x's dtype) is normalised and also returned.
+    multiply_in_float32: Gemma 2 computes (x * rsqrt(mean(x^2) + eps)) * (offset + w) in
+    float32 and casts the product; Llama/GLM-4 cast the normalised x to x's dtype first and
+    multiply by (offset + w) in that dtype. None picks Gemma's when offset != 0.
+    Returns out (x's dtype), or (out, new_residual) with residual.
+    """
+    if residual is not None:
+        x = x + residual
+    if multiply_in_float32 is None:
+        multiply_in_float32 = offset != 0
+    wide = x.float() if x.dtype != torch.float64 else x
+    normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    if multiply_in_float32:
+        out = (normed * (offset + weight.to(wide.dtype))).to(x.dtype)
+    else:
+        out = (offset + weight.to(x.dtype)) * normed.to(x.dtype)
+    return (out, x) if residual is not None else out
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    *,
+    residual: torch.Tensor | None = None,
+):
+    """LayerNorm over the last dim (torch's: float32 statistics, output in x's dtype).
+    residual: when given, x + residual (in x's dtype) is normalised and also returned."""
+    if residual is not None:
+        x = x + residual
+    out = torch.nn.functional.layer_norm(x, x.shape[-1:], weight.to(x.dtype), None if bias is None else bias.to(x.dtype), eps)
+    return (out, x) if residual is not None else out
+
+
+def rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False
+) -> torch.Tensor:
+    """Rotate the first rotary_dim = 2 * cos.shape[-1] features of x (batch, seqlen, heads,
+    head_dim) by the angles whose cos/sin are (seqlen, rotary_dim / 2) or (batch, seqlen,
+    rotary_dim / 2); the rest passes through. interleaved: pairs (2i, 2i + 1) (GLM-4);
+    otherwise the halves (i, i + rotary_dim / 2) (Gemma 2, Llama). Computed in x's dtype."""
+    rotary_dim = 2 * cos.shape[-1]
+    cos = cos.to(x.dtype).unsqueeze(-2)  # broadcast over heads
+    sin = sin.to(x.dtype).unsqueeze(-2)
+    if cos.dim() == 3:  # (seqlen, 1, r/2): broadcast over batch too
+        cos, sin = cos[None], sin[None]
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((out, rest), dim=-1)
+
+
+def apply_rotary(q, k, cos, sin, *, interleaved: bool = False):
+    """`rotary` applied to q and to k: returns (q_rotated, k_rotated)."""
+    return rotary(q, cos, sin, interleaved=interleaved), rotary(k, cos, sin, interleaved=interleaved)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation_name: str | None = None):
+    """act(x @ weight.T + bias): weight (out_features, in_features), as nn.Linear."""
+    return activation(torch.nn.functional.linear(x, weight, bias), activation_name)
+
+
+def gated_mlp(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor, activation_name: str):
+    """down(act(x W_gate^T) * (x W_up^T)) with gate_up_weight (2 * intermediate, hidden),
+    the gate rows first (GLM-4's gate_up_proj), and down_weight (hidden, intermediate)."""
+    gate, up = torch.nn.functional.linear(x, gate_up_weight).chunk(2, dim=-1)
+    return torch.nn.functional.linear(activation(gate, activation_name) * up, down_weight)

@@ -19,12 +19,12 @@ import triton.language as tl
 
 from tritium import autotune
 from tritium.kernels import attention_tuning as tuning
+from tritium.kernels.activations import tanh
 from tritium.kernels.attention_backward import launch_backward
 from tritium.kernels.online_softmax import (
     _logits,
     _softmax_step,
     _span,
-    _tanh,
     _visible,
     dot_precision,
     head_block,
@@ -162,7 +162,7 @@ def _attn_fwd_kernel(
 ATTENTION_FWD = autotune.Kernel(
     "attention_fwd", space=tuning.FWD_SPACE, key=tuning.attention_bucket, default=tuning.fwd_default,
     interpreter=tuning.INTERPRETER, prune=tuning.fwd_fits,
-    sources=(_attn_fwd_kernel, _fwd_blocks, _span, _visible, _logits, _softmax_step, _tanh),
+    sources=(_attn_fwd_kernel, _fwd_blocks, _span, _visible, _logits, _softmax_step, tanh),
 )
 
 

@@ -10,12 +10,12 @@ import triton.language as tl
 
 from tritium import autotune
 from tritium.kernels import attention_tuning as tuning
+from tritium.kernels.activations import tanh
 from tritium.kernels.online_softmax import (
     _load_rows,
     _logits,
     _lse_log2,
     _span,
-    _tanh,
     _visible,
     dot_precision,
     head_block,
@@ -227,12 +227,12 @@ DELTA_BLOCK_M = 32
 ATTENTION_BWD_DQ = autotune.Kernel(
     "attention_bwd_dq", space=tuning.BWD_SPACE, key=tuning.attention_bucket, default=tuning.bwd_default,
     interpreter=tuning.INTERPRETER, prune=tuning.bwd_fits,
-    sources=(_attn_bwd_dq_kernel, _bwd_dq_blocks, _span, _visible, _logits, _lse_log2, _tanh),
+    sources=(_attn_bwd_dq_kernel, _bwd_dq_blocks, _span, _visible, _logits, _lse_log2, tanh),
 )
 ATTENTION_BWD_DKDV = autotune.Kernel(
     "attention_bwd_dkdv", space=tuning.BWD_SPACE, key=tuning.attention_bucket, default=tuning.bwd_default,
     interpreter=tuning.INTERPRETER, prune=tuning.bwd_fits,
-    sources=(_attn_bwd_dkdv_kernel, _bwd_dkdv_blocks, _span, _visible, _logits, _lse_log2, _tanh),
+    sources=(_attn_bwd_dkdv_kernel, _bwd_dkdv_blocks, _span, _visible, _logits, _lse_log2, tanh),
 )
 
 

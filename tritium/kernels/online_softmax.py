@@ -12,19 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from tritium.kernels.activations import tanh
+
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _tanh(x):
-    # tl has no tanh on every Triton we support. Near 0, 1 - 2 / (e^2x + 1) cancels, so a
-    # minimax odd polynomial (Cephes tanhf) covers |x| < 0.625: float32 to ~1 ulp everywhere.
-    z = x * x
-    poly = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
-             + 1.33314422036e-1) * z - 3.33332819422e-1) * z * x + x
-    # Clamping keeps exp2 finite; tanh(15) is 1 to float32 precision.
-    e = tl.exp2(tl.minimum(tl.maximum(x, -15.0), 15.0) * 2.8853900817779268)
-    return tl.where(tl.abs(x) < 0.625, poly, 1.0 - 2.0 / (e + 1.0))
 
 
 @triton.jit
@@ -61,7 +51,7 @@ def _logits(a, b, qk_scale, cap_log2, SOFTCAP: tl.constexpr, PRECISION: tl.const
     """
     qk = tl.dot(a, b, input_precision=PRECISION)
     if SOFTCAP:
-        t = _tanh(qk * qk_scale)
+        t = tanh(qk * qk_scale)
         return t * cap_log2, t
     else:
         return qk * qk_scale, qk

@@ -1,0 +1,64 @@
+"""Elementwise math shared by every kernel: tanh, and the MLP activations with their
+derivatives. One definition each; kernels pick one with a tl.constexpr name."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+
+
+def check_activation(activation, name: str = "activation", allow_none: bool = True) -> None:
+    """activation must be one of ACTIVATIONS (or None when allowed)."""
+    if activation is None and allow_none:
+        return
+    if activation not in ACTIVATIONS:
+        allowed = ", ".join(map(repr, ACTIVATIONS)) + (" or None" if allow_none else "")
+        raise ValueError(f"{name}: expected one of {allowed}, got {activation!r}")
+
+
+@triton.jit
+def tanh(x):
+    """float32 tanh to ~1 ulp (tl has no tanh on every Triton we support). Near 0,
+    1 - 2 / (e^2x + 1) cancels, so a minimax odd polynomial (Cephes tanhf) covers |x| < 0.625."""
+    z = x * x
+    poly = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
+             + 1.33314422036e-1) * z - 3.33332819422e-1) * z * x + x
+    # Clamping keeps exp2 finite; tanh(15) is 1 to float32 precision.
+    e = tl.exp2(tl.minimum(tl.maximum(x, -15.0), 15.0) * 2.8853900817779268)
+    return tl.where(tl.abs(x) < 0.625, poly, 1.0 - 2.0 / (e + 1.0))
+
+
+@triton.jit
+def activation(x, ACTIVATION: tl.constexpr):
+    """act(x) in float32: "gelu" (erf), "gelu_tanh" (transformers' gelu_new and
+    gelu_pytorch_tanh), "relu", "silu"; anything else is the identity."""
+    if ACTIVATION == "gelu":
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    elif ACTIVATION == "relu":
+        return tl.maximum(x, 0.0)
+    elif ACTIVATION == "silu":
+        return x * tl.sigmoid(x)
+    else:
+        return x
+
+
+@triton.jit
+def activation_grad(x, ACTIVATION: tl.constexpr):
+    """d act / dx at x, in float32 (1 for the identity)."""
+    if ACTIVATION == "gelu":
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+    elif ACTIVATION == "gelu_tanh":
+        t = tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+    elif ACTIVATION == "relu":
+        return tl.where(x > 0.0, 1.0, 0.0)
+    elif ACTIVATION == "silu":
+        s = tl.sigmoid(x)
+        return s * (1.0 + x * (1.0 - s))
+    else:
+        return tl.full(x.shape, 1.0, tl.float32)
