@@ -179,3 +179,64 @@ def gated_mlp(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.
     the gate rows first (GLM-4's gate_up_proj), and down_weight (hidden, intermediate)."""
     gate, up = torch.nn.functional.linear(x, gate_up_weight).chunk(2, dim=-1)
     return torch.nn.functional.linear(activation(gate, activation_name) * up, down_weight)
+
+
+def bigbird_block_counts(num_blocks: int, rand_attn: torch.Tensor) -> torch.Tensor:
+    """(heads, num_blocks, num_blocks) int: how many times query block i lists key block j
+    in BigBird's ITC layout. Blocks 0 and last see every block once; block 1 sees
+    [0, 1, 2, last], block last-1 [0, last-2, last-1, last], middle block i [0, i-1, i, i+1,
+    last]; each of those adds its row of rand_attn (heads, num_blocks - 2, r), row i - 1,
+    duplicates counted."""
+    heads, last = rand_attn.shape[0], num_blocks - 1
+    counts = torch.zeros(heads, num_blocks, num_blocks, dtype=torch.long, device=rand_attn.device)
+    counts[:, 0] = 1
+    counts[:, last] = 1
+    for i in range(1, last):
+        window = {1: [0, 1, 2, last], last - 1: [0, last - 2, last - 1, last]}.get(i, [0, i - 1, i, i + 1, last])
+        counts[:, i, window] += 1
+        counts[:, i].scatter_add_(1, rand_attn[:, i - 1].long(), torch.ones_like(rand_attn[:, i - 1], dtype=torch.long))
+    return counts
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = 64,
+    rand_attn: torch.Tensor | None = None,
+    num_random_blocks: int = 3,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+):
+    """BigBird block-sparse (ITC) attention, dense and plain: the scores of every key that a
+    query block lists, each counted as many times as it is listed, one softmax per row.
+
+    q, k, v: (batch, seqlen, heads, head_dim); rand_attn (heads, seqlen / block_size - 2, r),
+    None = all zeros (transformers' eval layout, with r = num_random_blocks).
+    key_padding_mask (batch, seqlen) bool, True = attend: masked keys get -10000 added to
+    their scaled score (not -inf); masked query rows output 0.
+    """
+    batch, seqlen, heads, head_dim = q.shape
+    num_blocks = seqlen // block_size
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    if rand_attn is None:
+        rand_attn = torch.zeros(heads, num_blocks - 2, num_random_blocks, dtype=torch.long, device=q.device)
+    counts = bigbird_block_counts(num_blocks, rand_attn)
+    counts = counts.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)[None]
+    group = heads // k.shape[2]
+    kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.transpose(1, 2), kh.transpose(-1, -2)) * scale
+    if key_padding_mask is not None:
+        scores = scores - 10000.0 * (~key_padding_mask.bool())[:, None, None, :].to(scores.dtype)
+    scores = scores.masked_fill(counts == 0, -math.inf)
+    # Listing a key m times multiplies its weight by m: log(m) joins its score.
+    scores = scores + torch.log(counts.clamp(min=1).to(scores.dtype))
+    lse = torch.logsumexp(scores.float(), dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs.to(vh.dtype), vh).transpose(1, 2)
+    if key_padding_mask is not None:
+        out = out * key_padding_mask[:, :, None, None].to(out.dtype)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,480 @@
+"""BigBird block-sparse attention (ITC layout), exact to transformers' BigBirdPegasus.
+
+Each query block walks its own list of key blocks — the two global blocks, the 3-block
+window, its random blocks; every block for the global first and last query blocks — with
+the online softmax of `online_softmax.py`. A key block listed twice is visited twice, which
+counts it twice, as transformers' concatenation does. Masked keys get -10000 added to their
+scaled score (not -inf); masked query rows output 0.
+
+The backward pass is deterministic without atomics: dQ walks the same lists; dK/dV of a key
+block scan every query block's list and weight its contribution by how often it lists the
+key block.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tritium import autotune
+from tritium.kernels.attention import check_attention_args
+from tritium.kernels.attention_backward import _bwd_delta_kernel
+from tritium.kernels.online_softmax import (
+    _load_rows,
+    _logits,
+    _lse_log2,
+    _softmax_step,
+    dot_precision,
+    head_block,
+)
+from tritium.kernels.validation import check_tensor
+
+MASK_PENALTY = -10000.0  # transformers' attn_mask_penalty, added to masked keys' scores
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def min_seqlen(block_size: int, num_random_blocks: int) -> int:
+    """The shortest sequence the block-sparse layout is defined for: transformers uses full
+    attention up to (5 + 2r) * block_size tokens."""
+    return (5 + 2 * num_random_blocks) * block_size + block_size
+
+
+def block_lists(num_blocks: int, rand_attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's layout: (lists (heads, num_blocks, width) int32, counts (num_blocks,)
+    int32). Row i holds the key blocks query block i visits, duplicates kept; rows 0 and
+    last hold every block. Built with tensor ops on rand_attn's device: no host sync."""
+    heads, _, r = rand_attn.shape
+    last = num_blocks - 1
+    device = rand_attn.device
+    middle = torch.arange(1, last, device=device)
+    window = torch.stack([torch.zeros_like(middle), middle - 1, middle, middle + 1,
+                          torch.full_like(middle, last)], dim=1)
+    # Blocks 1 and last-1 have a 4-block window: their fifth slot repeats the first, and
+    # their count is one less, so it is never visited.
+    window[0] = torch.tensor([0, 1, 2, last, 0], device=device)
+    window[-1] = torch.tensor([0, last - 2, last - 1, last, 0], device=device)
+    sparse = torch.cat([window.expand(heads, -1, -1), rand_attn.to(device=device, dtype=window.dtype)], dim=2)
+    sparse = torch.cat([sparse[:, :, :4], sparse[:, :, 5:], sparse[:, :, 4:5]], dim=2)
+    width = max(num_blocks, sparse.shape[2])
+    lists = torch.zeros(heads, num_blocks, width, dtype=torch.int32, device=device)
+    lists[:, 0, :num_blocks] = torch.arange(num_blocks, device=device, dtype=torch.int32)
+    lists[:, last, :num_blocks] = lists[:, 0, :num_blocks]
+    lists[:, 1:last, : sparse.shape[2]] = sparse.to(torch.int32)
+    counts = torch.full((num_blocks,), 5 + r, dtype=torch.int32, device=device)
+    counts[0] = counts[last] = num_blocks
+    counts[1] = counts[last - 1] = 4 + r
+    return lists, counts
+
+
+def bigbird_random_layout(
+    seqlen: int,
+    block_size: int,
+    num_random_blocks: int,
+    heads: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """A training-mode rand_attn (heads, seqlen / block_size - 2, r), int64: for query
+    block i, r distinct random key blocks drawn from the candidates transformers'
+    `_bigbird_block_rand_mask` allows (middle blocks away from i's window, with its
+    special rows 1, 2, last-2, last-1). Drawn on `device` with torch's RNG (seed it through
+    `generator`): no numpy, so it compiles and can be captured in a CUDA graph."""
+    num_blocks = seqlen // block_size
+    allowed = _random_candidates(num_blocks, device)
+    noise = torch.rand(heads, num_blocks - 2, num_blocks, generator=generator, device=device)
+    noise = noise.masked_fill(~allowed, -1.0)
+    return noise.topk(num_random_blocks, dim=-1).indices
+
+
+def _random_candidates(num_blocks: int, device) -> torch.Tensor:
+    """(num_blocks - 2, num_blocks) bool: key blocks query block i (row i - 1) may draw."""
+    last = num_blocks - 1
+    i = torch.arange(1, last, device=device)[:, None]
+    j = torch.arange(num_blocks, device=device)[None, :]
+    middle = (j >= 1) & (j < last)
+    allowed = middle & ((j <= i - 2) | (j >= i + 2))
+    allowed[0] = (middle & (j >= 3))[0]  # row 1
+    allowed[1] = (middle & (j >= 4))[0]  # row 2
+    allowed[-2:] = middle  # rows last-2 and last-1: transformers draws from every middle block
+    return allowed
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _key_penalty(km_base, cols, stride_mn, HAS_KEY_MASK: tl.constexpr):
+    """Additive log2-unit score penalty of keys `cols`: -10000 * log2(e) where padded."""
+    if HAS_KEY_MASK:
+        keep = tl.load(km_base + cols * stride_mn)
+        return tl.where(keep != 0, 0.0, -14426.950408889634)
+    else:
+        return tl.zeros(cols.shape, dtype=tl.float32)
+
+
+@triton.jit
+def _query_keep(km_base, rows, stride_mn, HAS_KEY_MASK: tl.constexpr):
+    if HAS_KEY_MASK:
+        return tl.load(km_base + rows * stride_mn) != 0
+    else:
+        return rows >= 0
+
+
+@triton.jit
+def _bs_fwd_kernel(
+    Q, K, V, Out, Lse, Lists, Counts, KeyMask,
+    qk_scale, heads, group,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_lh, stride_lq, stride_mb, stride_mn,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One query block of one head over the key blocks of its list. Out is contiguous
+    (batch, seqlen, heads, head_dim), Lse (batch, heads, seqlen)."""
+    qb = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = pid_bh % heads
+    kv_head = h // group
+    seqlen = tl.num_programs(0) * BLOCK
+    rows = qb * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qm, offs_d, stride_qd, d_ok[None, :])
+    k_base = K + b * stride_kb + kv_head * stride_kh
+    v_base = V + b * stride_vb + kv_head * stride_vh
+    km_base = KeyMask + b * stride_mb
+    list_base = Lists + h * stride_lh + qb * stride_lq
+
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, tl.load(Counts + qb)):
+        cols = tl.load(list_base + j) * BLOCK + offs
+        kT = tl.trans(_load_rows(k_base, cols, stride_kn, offs_d, stride_kd, d_ok[None, :]))
+        v = _load_rows(v_base, cols, stride_vn, offs_d, stride_vd, d_ok[None, :])
+        s, _ = _logits(q, kT, qk_scale, 1.0, False, PRECISION)
+        s = s + _key_penalty(km_base, cols, stride_mn, HAS_KEY_MASK)[None, :]
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, PRECISION)
+
+    keep = _query_keep(km_base, rows, stride_mn, HAS_KEY_MASK)
+    out = tl.where(keep[:, None], acc / l_i[:, None], 0.0)
+    o_ptrs = Out + ((b * seqlen + rows[:, None]) * heads + h) * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(Lse + pid_bh.to(tl.int64) * seqlen + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453)
+
+
+@triton.jit
+def _bs_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ, Lists, Counts, KeyMask,
+    sm_scale, qk_scale, heads, group,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_db, stride_dm, stride_dh, stride_dd,
+    stride_lh, stride_lq, stride_mb, stride_mn,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ of one query block: the forward's walk with P recomputed from lse. Masked query
+    rows get dO = 0 (their output is a constant 0). DQ is contiguous like Out."""
+    qb = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = pid_bh % heads
+    kv_head = h // group
+    seqlen = tl.num_programs(0) * BLOCK
+    rows = qb * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    km_base = KeyMask + b * stride_mb
+    keep = _query_keep(km_base, rows, stride_mn, HAS_KEY_MASK)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qm, offs_d, stride_qd, d_ok[None, :])
+    do = _load_rows(DOut + b * stride_db + h * stride_dh, rows, stride_dm, offs_d, stride_dd, keep[:, None] & d_ok[None, :])
+    lse2 = _lse_log2(Lse + pid_bh.to(tl.int64) * seqlen, rows, rows >= 0)
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * seqlen + rows)
+    k_base = K + b * stride_kb + kv_head * stride_kh
+    v_base = V + b * stride_vb + kv_head * stride_vh
+    list_base = Lists + h * stride_lh + qb * stride_lq
+
+    dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    for j in range(0, tl.load(Counts + qb)):
+        cols = tl.load(list_base + j) * BLOCK + offs
+        k = _load_rows(k_base, cols, stride_kn, offs_d, stride_kd, d_ok[None, :])
+        v = _load_rows(v_base, cols, stride_vn, offs_d, stride_vd, d_ok[None, :])
+        s, _ = _logits(q, tl.trans(k), qk_scale, 1.0, False, PRECISION)
+        s = s + _key_penalty(km_base, cols, stride_mn, HAS_KEY_MASK)[None, :]
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dq = tl.dot((p * (dp - delta[:, None])).to(k.dtype), k, dq, input_precision=PRECISION)
+    dq_ptrs = DQ + ((b * seqlen + rows[:, None]) * heads + h) * HEAD_DIM + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=d_ok[None, :])
+
+
+@triton.jit
+def _bs_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV, Lists, Counts, KeyMask,
+    sm_scale, qk_scale, heads_kv, group,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_db, stride_dm, stride_dh, stride_dd,
+    stride_lh, stride_lq, stride_mb, stride_mn,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV of one key block of one kv head: every query block (of every q head of the
+    group) that lists it contributes, weighted by how many times it lists it."""
+    kb = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    num_blocks = tl.num_programs(0)
+    seqlen = num_blocks * BLOCK
+    b = (pid_bh // heads_kv).to(tl.int64)
+    kv_head = pid_bh % heads_kv
+    cols = kb * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    slots = tl.arange(0, WIDTH)
+    d_ok = offs_d < HEAD_DIM
+    k = _load_rows(K + b * stride_kb + kv_head * stride_kh, cols, stride_kn, offs_d, stride_kd, d_ok[None, :])
+    v = _load_rows(V + b * stride_vb + kv_head * stride_vh, cols, stride_vn, offs_d, stride_vd, d_ok[None, :])
+    km_base = KeyMask + b * stride_mb
+    penalty = _key_penalty(km_base, cols, stride_mn, HAS_KEY_MASK)
+
+    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    for g in range(group):
+        h = kv_head * group + g
+        row_base = (b * heads_kv * group + h) * seqlen
+        for qb in range(0, num_blocks):
+            listed = tl.load(Lists + h * stride_lh + qb * stride_lq + slots, mask=slots < tl.load(Counts + qb), other=-1)
+            times = tl.sum((listed == kb).to(tl.float32), 0)
+            if times > 0:
+                rows = qb * BLOCK + offs
+                keep = _query_keep(km_base, rows, stride_mn, HAS_KEY_MASK)
+                q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qm, offs_d, stride_qd, d_ok[None, :])
+                do = _load_rows(DOut + b * stride_db + h * stride_dh, rows, stride_dm, offs_d, stride_dd,
+                                keep[:, None] & d_ok[None, :])
+                lse2 = _lse_log2(Lse + row_base, rows, rows >= 0)
+                delta = tl.load(Delta + row_base + rows)
+                sT, _ = _logits(k, tl.trans(q), qk_scale, 1.0, False, PRECISION)
+                pT = tl.exp2(sT + penalty[:, None] - lse2[None, :]) * times
+                dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+                dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                dk = tl.dot((pT * (dpT - delta[None, :])).to(q.dtype), q, dk, input_precision=PRECISION)
+    out_off = ((b * seqlen + cols[:, None]) * heads_kv + kv_head) * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
+
+
+def _bs_default(**_) -> autotune.Config:
+    return autotune.Config({}, num_warps=4, num_stages=2)
+
+
+def _bs_bucket(*, block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
+    return {"block_size": block_size, "head_dim": head_dim, "dtype": str(dtype).replace("torch.", "")}
+
+
+_SPACE = {"num_warps": (2, 4, 8), "num_stages": (1, 2, 3)}
+_INTERPRETER = autotune.Config({}, num_warps=4, num_stages=1)
+BLOCK_SPARSE_FWD = autotune.Kernel("block_sparse_fwd", space=_SPACE, key=_bs_bucket, default=_bs_default,
+                                   interpreter=_INTERPRETER, sources=(_bs_fwd_kernel, _key_penalty, _query_keep))
+BLOCK_SPARSE_BWD_DQ = autotune.Kernel("block_sparse_bwd_dq", space=_SPACE, key=_bs_bucket, default=_bs_default,
+                                      interpreter=_INTERPRETER, sources=(_bs_bwd_dq_kernel, _key_penalty, _query_keep))
+BLOCK_SPARSE_BWD_DKDV = autotune.Kernel("block_sparse_bwd_dkdv", space=_SPACE, key=_bs_bucket, default=_bs_default,
+                                        interpreter=_INTERPRETER,
+                                        sources=(_bs_bwd_dkdv_kernel, _key_penalty, _query_keep))
+
+
+# ----------------------------------------------------------------------------- host
+
+
+def _check_layout_args(q, k, block_size, num_random_blocks, rand_attn, key_padding_mask) -> torch.Tensor:
+    """Validate the block-sparse arguments; returns rand_attn (zeros when None)."""
+    batch, seqlen, heads, _ = q.shape
+    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size: expected a power of two >= 16, got {block_size!r}")
+    if k.shape[1] != seqlen:
+        raise ValueError(f"k: block-sparse attention is self-attention: seqlen {k.shape[1]} must equal q's {seqlen}")
+    if seqlen % block_size:
+        raise ValueError(f"q: seqlen {seqlen} is not a multiple of block_size {block_size}: pad the sequence "
+                         f"(transformers pads to a multiple of the block size)")
+    if not isinstance(num_random_blocks, int) or num_random_blocks < 0:
+        raise ValueError(f"num_random_blocks: expected an int >= 0, got {num_random_blocks!r}")
+    shortest = min_seqlen(block_size, num_random_blocks)
+    if seqlen < shortest:
+        raise ValueError(
+            f"q: seqlen {seqlen} is too short for the block-sparse layout with block_size {block_size} and "
+            f"{num_random_blocks} random blocks (minimum {shortest}); there full attention is the right choice, "
+            f"as transformers makes it: tritium.flash_attention(q, k, v, key_padding_mask=...)")
+    num_blocks = seqlen // block_size
+    if rand_attn is None:
+        rand_attn = torch.zeros(heads, num_blocks - 2, num_random_blocks, dtype=torch.int32, device=q.device)
+    check_tensor("rand_attn", rand_attn, shape="(heads, seqlen / block_size - 2, num_random_blocks)", ndim=3,
+                 dtypes=(torch.int32, torch.int64))
+    expected = (heads, num_blocks - 2, num_random_blocks)
+    if tuple(rand_attn.shape) != expected:
+        raise ValueError(f"rand_attn: expected shape (heads, seqlen / block_size - 2, num_random_blocks) = "
+                         f"{expected}, got {tuple(rand_attn.shape)}")
+    if rand_attn.device != q.device:
+        raise ValueError(f"rand_attn: device {rand_attn.device} differs from q's {q.device}")
+    if rand_attn.numel() and not _capturing():
+        lo, hi = int(rand_attn.min()), int(rand_attn.max())
+        if lo < 0 or hi >= num_blocks:
+            raise ValueError(f"rand_attn: block indices must lie in [0, {num_blocks - 1}], got values in [{lo}, {hi}]")
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, shape="(batch, seqlen)", ndim=2, dtypes=(torch.bool,))
+        if tuple(key_padding_mask.shape) != (batch, seqlen):
+            raise ValueError(f"key_padding_mask: expected shape (batch, seqlen) = {(batch, seqlen)}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+    return rand_attn
+
+
+def _capturing() -> bool:
+    # The index range check reads values on the host: skipped where a sync is not allowed.
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _launch_args(q, k, key_padding_mask, lists):
+    mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
+    mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    return mask, (*lists.stride()[:2], *mask_strides)
+
+
+def _problem(q, block_size):
+    return dict(block_size=block_size, head_dim=q.shape[3], dtype=q.dtype)
+
+
+@torch.library.custom_op("tritium::block_sparse_attention_forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: torch.Tensor, counts: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor], block_size: int, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, seqlen, heads, head_dim = q.shape
+    out = torch.empty((batch, seqlen, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=q.device)
+    mask, strides = _launch_args(q, k, key_padding_mask, lists)
+
+    def launch(config):
+        _bs_fwd_kernel[(seqlen // block_size, batch * heads)](
+            q, k, v, out, lse, lists, counts, mask, softmax_scale * LOG2E, heads, heads // k.shape[2],
+            *q.stride(), *k.stride(), *v.stride(), *strides,
+            HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK=block_size,
+            HAS_KEY_MASK=key_padding_mask is not None, PRECISION=dot_precision(q.dtype), **config.launch_kwargs(),
+        )
+
+    launch(BLOCK_SPARSE_FWD.lookup(launch, **_problem(q, block_size)))
+    return out, lse
+
+
+@_forward_op.register_fake
+def _(q, k, v, lists, counts, key_padding_mask, block_size, softmax_scale):
+    batch, seqlen, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, seqlen), dtype=torch.float32)
+
+
+@torch.library.custom_op("tritium::block_sparse_attention_backward", mutates_args=())
+def _backward_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    lists: torch.Tensor, counts: torch.Tensor, key_padding_mask: Optional[torch.Tensor], block_size: int,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, seqlen, heads, head_dim = q.shape
+    heads_kv = k.shape[2]
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    delta = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(seqlen // block_size, batch * heads)](
+        out, dout, delta, seqlen, heads, *out.stride(), *dout.stride(),
+        HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_M=block_size,
+    )
+    mask, strides = _launch_args(q, k, key_padding_mask, lists)
+    tensors = (q, k, v, dout, lse, delta)
+    all_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *strides)
+    constants = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK=block_size,
+                     HAS_KEY_MASK=key_padding_mask is not None, PRECISION=dot_precision(q.dtype))
+    scales = (softmax_scale, softmax_scale * LOG2E)
+
+    def launch_dq(config):
+        _bs_bwd_dq_kernel[(seqlen // block_size, batch * heads)](
+            *tensors, dq, lists, counts, mask, *scales, heads, heads // heads_kv, *all_strides,
+            **constants, **config.launch_kwargs())
+
+    def launch_dkdv(config):
+        _bs_bwd_dkdv_kernel[(seqlen // block_size, batch * heads_kv)](
+            *tensors, dk, dv, lists, counts, mask, *scales, heads_kv, heads // heads_kv, *all_strides,
+            WIDTH=triton.next_power_of_2(lists.shape[2]), **constants, **config.launch_kwargs())
+
+    launch_dq(BLOCK_SPARSE_BWD_DQ.lookup(launch_dq, **_problem(q, block_size)))
+    launch_dkdv(BLOCK_SPARSE_BWD_DKDV.lookup(launch_dkdv, **_problem(q, block_size)))
+    return dq, dk, dv
+
+
+@_backward_op.register_fake
+def _(dout, q, k, v, out, lse, lists, counts, key_padding_mask, block_size, softmax_scale):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+class BlockSparseAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper over the forward/backward custom ops."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lists, counts, key_padding_mask, block_size, softmax_scale):
+        out, lse = _forward_op(q, k, v, lists, counts, key_padding_mask, block_size, softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse, lists, counts, key_padding_mask)
+        ctx.options = (block_size, softmax_scale)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, lists, counts, key_padding_mask = ctx.saved_tensors
+        dq, dk, dv = _backward_op(dout, q, k, v, out, lse, lists, counts, key_padding_mask, *ctx.options)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = 64,
+    num_random_blocks: int = 3,
+    rand_attn: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+):
+    """BigBird block-sparse self-attention (ITC), exact to transformers' BigBirdPegasus.
+
+    q, k, v: (batch, seqlen, heads, head_dim), any strides (k/v may have fewer heads: GQA);
+    seqlen a multiple of block_size (a power of two >= 16) and longer than
+    (5 + 2 * num_random_blocks) * block_size (shorter sequences want full attention).
+    Query block 0 and the last attend to every key; block 1 to key blocks [0, 1, 2, last],
+    the last but one to [0, last-2, last-1, last], a middle block i to [0, i-1, i, i+1,
+    last]; each also to its num_random_blocks blocks of rand_attn (heads, seqlen /
+    block_size - 2, r), row i - 1. One softmax per query row over all its keys, a key
+    listed twice counting twice. rand_attn None is transformers' eval layout (all zeros:
+    block 0 counts r more times); `bigbird_random_layout` draws a training one.
+    key_padding_mask: (batch, seqlen) bool, True = attend; masked keys get -10000 added to
+    their scaled score, masked query rows output 0.
+    Returns out like q (and lse (batch, heads, seqlen) float32 with return_lse).
+    """
+    check_attention_args(q, k, v, causal=False, window_size=(-1, -1), softcap=0.0, softmax_scale=softmax_scale)
+    rand_attn = _check_layout_args(q, k, block_size, num_random_blocks, rand_attn, key_padding_mask)
+    scale = q.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    lists, counts = block_lists(q.shape[1] // block_size, rand_attn)
+    out, lse = BlockSparseAttentionFunction.apply(q, k, v, lists, counts, key_padding_mask, block_size, scale)
+    return (out, lse) if return_lse else out
