@@ -41,11 +41,14 @@ class Case:
 @dataclass(frozen=True)
 class Backend:
     """A named implementation. setup(case, inputs) returns a zero-argument callable that
-    computes the operator's output from `inputs`; it raises Unsupported or ImportError
-    when it cannot run the case."""
+    computes the operator's output from `inputs` (a tensor, or a tuple of tensors for an
+    op with several outputs, such as RoPE's q and k); it raises Unsupported or ImportError
+    when it cannot run the case. exact=False marks a backend timed for comparison that
+    computes a different function (dense attention beside a sparse one): no accuracy."""
 
     name: str
-    setup: Callable[[Case, dict], Callable[[], torch.Tensor]]
+    setup: Callable[[Case, dict], Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]]
+    exact: bool = True
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,10 @@ def _measure(op, backend, case, mode, inputs, opts) -> dict:
         _add_throughput(row, opts.peaks)
         # Checked after timing: the float64 reference is what most likely runs out of
         # memory, and that must not cost the row its times.
-        row["max_abs_err"] = op.error(case, inputs, step(), grad_out)
+        if backend.exact:
+            row["max_abs_err"] = op.error(case, inputs, step(), grad_out)
+        else:
+            row["note"] = "computes a different function (a reference point): accuracy not compared"
     except SKIPPED as exc:
         row["note"] = ("skipped: " if row["ms_p50"] is None else "accuracy not checked: ") + _reason(exc)
         if opts.device == "cuda":
@@ -150,19 +156,24 @@ def _mode_step(forward, mode: str, leaves: list[torch.Tensor]):
 
     fwd+bwd differentiates w.r.t. the inputs with torch.autograd.grad, so nothing
     accumulates in .grad between runs; grad_out is random (zeros would let a backend skip
-    work) and identical for every backend of a case.
+    work) and identical for every backend of a case: a tensor, or a tuple of them when
+    forward returns several outputs.
     """
     if mode != "fwd+bwd":
-        return (lambda: (forward(),)), None
-    out = forward()
-    generator = torch.Generator(device=out.device).manual_seed(1)
-    grad_out = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
+        return (lambda: _outputs(forward())), None
+    outs = _outputs(forward())
+    generator = torch.Generator(device=outs[0].device).manual_seed(1)
+    grads = tuple(torch.randn(o.shape, generator=generator, dtype=o.dtype, device=o.device) for o in outs)
 
     def step():
-        out = forward()
-        return (out, *torch.autograd.grad(out, leaves, grad_out))
+        outs = _outputs(forward())
+        return (*outs, *torch.autograd.grad(outs, leaves, grads))
 
-    return step, grad_out
+    return step, grads if len(grads) > 1 else grads[0]
+
+
+def _outputs(out) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
 
 
 def _new_row(op, backend, case, mode, opts) -> dict:
@@ -190,18 +201,19 @@ def _add_throughput(row: dict, peaks: dict) -> None:
 
 
 def max_abs_error(reference, inputs: dict, outputs, grad_out=None, grad_names=()) -> float:
-    """Largest |output - expected| over `outputs`: reference(**inputs) run in float64, then
-    (with grad_out) its gradients w.r.t. `grad_names`, in that order. Non-float inputs
-    pass through unchanged."""
+    """Largest |output - expected| over `outputs`: reference(**inputs) run in float64 (one
+    output or a tuple), then (with grad_out, a tensor or a tuple) its gradients w.r.t.
+    `grad_names`, in that order. Non-float inputs pass through unchanged."""
     wide = {
         name: x.detach().double().requires_grad_(grad_out is not None and name in grad_names)
         if x.is_floating_point() else x
         for name, x in inputs.items()
     }
-    out = reference(**wide)
-    expected = [out]
+    outs = _outputs(reference(**wide))
+    expected = list(outs)
     if grad_out is not None:
-        expected += torch.autograd.grad(out, [wide[n] for n in grad_names], grad_out.double())
+        grads = [g.double() for g in _outputs(grad_out)]
+        expected += torch.autograd.grad(outs, [wide[n] for n in grad_names], grads)
     return max(
         (got.detach().double() - want).abs().max().item() if got.numel() else 0.0
         for got, want in zip(outputs, expected, strict=True)

@@ -2,7 +2,7 @@
 
 import importlib
 
-NAMES = ("attention",)
+NAMES = ("attention", "block_sparse")
 
 
 def load(suite: str) -> None:
