@@ -300,8 +300,8 @@ BLOCK_SPARSE_BWD_DKDV = autotune.Kernel("block_sparse_bwd_dkdv", space=_SPACE, k
 # ----------------------------------------------------------------------------- host
 
 
-def _check_layout_args(q, k, block_size, num_random_blocks, rand_attn, key_padding_mask) -> torch.Tensor:
-    """Validate the block-sparse arguments; returns rand_attn (zeros when None)."""
+def _check_layout_args(q, k, block_size, num_random_blocks, rand_attn, key_padding_mask) -> None:
+    """Validate the block-sparse arguments before any launch."""
     batch, seqlen, heads, _ = q.shape
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size: expected a power of two >= 16, got {block_size!r}")
@@ -319,26 +319,60 @@ def _check_layout_args(q, k, block_size, num_random_blocks, rand_attn, key_paddi
             f"{num_random_blocks} random blocks (minimum {shortest}); there full attention is the right choice, "
             f"as transformers makes it: tritium.flash_attention(q, k, v, key_padding_mask=...)")
     num_blocks = seqlen // block_size
-    if rand_attn is None:
-        rand_attn = torch.zeros(heads, num_blocks - 2, num_random_blocks, dtype=torch.int32, device=q.device)
-    check_tensor("rand_attn", rand_attn, shape="(heads, seqlen / block_size - 2, num_random_blocks)", ndim=3,
-                 dtypes=(torch.int32, torch.int64))
-    expected = (heads, num_blocks - 2, num_random_blocks)
-    if tuple(rand_attn.shape) != expected:
-        raise ValueError(f"rand_attn: expected shape (heads, seqlen / block_size - 2, num_random_blocks) = "
-                         f"{expected}, got {tuple(rand_attn.shape)}")
-    if rand_attn.device != q.device:
-        raise ValueError(f"rand_attn: device {rand_attn.device} differs from q's {q.device}")
-    if rand_attn.numel() and not _capturing():
-        lo, hi = int(rand_attn.min()), int(rand_attn.max())
-        if lo < 0 or hi >= num_blocks:
-            raise ValueError(f"rand_attn: block indices must lie in [0, {num_blocks - 1}], got values in [{lo}, {hi}]")
+    if rand_attn is not None:
+        _check_rand_attn(rand_attn, (heads, num_blocks - 2, num_random_blocks), q.device)
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, shape="(batch, seqlen)", ndim=2, dtypes=(torch.bool,))
         if tuple(key_padding_mask.shape) != (batch, seqlen):
             raise ValueError(f"key_padding_mask: expected shape (batch, seqlen) = {(batch, seqlen)}, "
                              f"got {tuple(key_padding_mask.shape)}")
-    return rand_attn
+
+
+_EVAL_LISTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _layout(num_blocks: int, heads: int, num_random_blocks: int, rand_attn, device):
+    """block_lists for rand_attn, or for the eval layout (all zeros), built once per shape
+    and device: every layer and step of a model reuses it."""
+    if rand_attn is not None:
+        return block_lists(num_blocks, rand_attn)
+    key = (num_blocks, heads, num_random_blocks, str(device))
+    if torch.compiler.is_compiling() or key not in _EVAL_LISTS:
+        zeros = torch.zeros(heads, num_blocks - 2, num_random_blocks, dtype=torch.int32, device=device)
+        if torch.compiler.is_compiling():
+            return block_lists(num_blocks, zeros)
+        _EVAL_LISTS[key] = block_lists(num_blocks, zeros)
+    return _EVAL_LISTS[key]
+
+
+def _check_rand_attn(rand_attn, expected: tuple, device) -> None:
+    check_tensor("rand_attn", rand_attn, shape="(heads, seqlen / block_size - 2, num_random_blocks)", ndim=3,
+                 dtypes=(torch.int32, torch.int64))
+    if tuple(rand_attn.shape) != expected:
+        raise ValueError(f"rand_attn: expected shape (heads, seqlen / block_size - 2, num_random_blocks) = "
+                         f"{expected}, got {tuple(rand_attn.shape)}")
+    if rand_attn.device != device:
+        raise ValueError(f"rand_attn: device {rand_attn.device} differs from q's {device}")
+    _check_indices(rand_attn, expected[1] + 2)
+
+
+_CHECKED: set[tuple] = set()  # layouts whose indices were read once already (no sync per call)
+
+
+def _check_indices(rand_attn: torch.Tensor, num_blocks: int) -> None:
+    """Indices in [0, num_blocks): read on the host once per layout tensor and version (a
+    layout is reused by every layer and step), never where a sync is not allowed."""
+    if not rand_attn.numel() or _capturing():
+        return
+    identity = (rand_attn.data_ptr(), rand_attn._version, tuple(rand_attn.shape), num_blocks)
+    if identity in _CHECKED:
+        return
+    lo, hi = int(rand_attn.min()), int(rand_attn.max())
+    if lo < 0 or hi >= num_blocks:
+        raise ValueError(f"rand_attn: block indices must lie in [0, {num_blocks - 1}], got values in [{lo}, {hi}]")
+    if len(_CHECKED) > 256:
+        _CHECKED.clear()
+    _CHECKED.add(identity)
 
 
 def _capturing() -> bool:
@@ -473,8 +507,8 @@ def block_sparse_attention(
     Returns out like q (and lse (batch, heads, seqlen) float32 with return_lse).
     """
     check_attention_args(q, k, v, causal=False, window_size=(-1, -1), softcap=0.0, softmax_scale=softmax_scale)
-    rand_attn = _check_layout_args(q, k, block_size, num_random_blocks, rand_attn, key_padding_mask)
+    _check_layout_args(q, k, block_size, num_random_blocks, rand_attn, key_padding_mask)
     scale = q.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    lists, counts = block_lists(q.shape[1] // block_size, rand_attn)
+    lists, counts = _layout(q.shape[1] // block_size, q.shape[2], num_random_blocks, rand_attn, q.device)
     out, lse = BlockSparseAttentionFunction.apply(q, k, v, lists, counts, key_padding_mask, block_size, scale)
     return (out, lse) if return_lse else out
