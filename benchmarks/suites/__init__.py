@@ -2,7 +2,7 @@
 
 import importlib
 
-NAMES = ("attention", "block_sparse")
+NAMES = ("attention", "block_sparse", "rope")
 
 
 def load(suite: str) -> None:
