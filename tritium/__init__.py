@@ -4,6 +4,7 @@ BertGeneration. The functional API lives here; the logic lives in `tritium.kerne
 from tritium.kernels.attention import flash_attention
 from tritium.kernels.attention_kvcache import flash_attention_with_kvcache
 from tritium.kernels.block_sparse import bigbird_random_layout, block_sparse_attention
+from tritium.kernels.mlp import gated_mlp, linear
 from tritium.kernels.norm import layer_norm, rms_norm
 from tritium.kernels.rope import apply_rotary
 
@@ -13,7 +14,9 @@ __all__ = [
     "block_sparse_attention",
     "flash_attention",
     "flash_attention_with_kvcache",
+    "gated_mlp",
     "layer_norm",
+    "linear",
     "rms_norm",
 ]
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
 import importlib
 
-NAMES = ("attention", "block_sparse", "norm", "rope")
+NAMES = ("attention", "block_sparse", "mlp", "norm", "rope")
 
 
 def load(suite: str) -> None:

@@ -37,7 +37,8 @@ def activation(x, ACTIVATION: tl.constexpr):
     if ACTIVATION == "gelu":
         return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACTIVATION == "gelu_tanh":
-        return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+        # 0.5 * (1 + tanh(u)) = sigmoid(2u): no cancellation where tanh(u) nears -1.
+        return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
     elif ACTIVATION == "relu":
         return tl.maximum(x, 0.0)
     elif ACTIVATION == "silu":
@@ -53,8 +54,11 @@ def activation_grad(x, ACTIVATION: tl.constexpr):
         cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
         return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
     elif ACTIVATION == "gelu_tanh":
-        t = tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
-        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+        # With s = sigmoid(2u): 0.5 * (1 + tanh(u)) = s and 1 - tanh(u)^2 = 4 s sigmoid(-2u),
+        # both free of the cancellation the tanh form suffers for x below about -3.
+        u2 = 1.5957691216057308 * (x + 0.044715 * x * x * x)
+        s = tl.sigmoid(u2)
+        return s + 1.5957691216057308 * x * s * tl.sigmoid(-u2) * (1.0 + 0.134145 * x * x)
     elif ACTIVATION == "relu":
         return tl.where(x > 0.0, 1.0, 0.0)
     elif ACTIVATION == "silu":
