@@ -1,5 +1,6 @@
 """`tritium env` and `tritium tune` without a GPU; the workloads `tune` runs."""
 
+import dataclasses
 import json
 
 import pytest
@@ -34,8 +35,11 @@ def test_tune_rejects_bad_arguments(bad):
 
 
 @pytest.mark.parametrize("model", ["gemma2-2b", "glm4-9b", "mvp"])
-def test_workloads_run(model):
-    """Every problem a model's tuning meets runs (tiny sizes, interpreter)."""
+def test_workloads_run(model, monkeypatch):
+    """Every kind of problem a model's tuning meets runs: real attention and rotary shapes,
+    MLP and norm widths shrunk so the interpreter gets through them."""
+    small = dataclasses.replace(workloads.LAYERS[model], hidden=64, intermediate=96)
+    monkeypatch.setitem(workloads.LAYERS, model, small)
     todo = list(workloads.steps(model, [1], [16], torch.float32, device="cpu"))
     assert todo
     for step in todo:
@@ -43,7 +47,7 @@ def test_workloads_run(model):
 
 
 def test_all_models_have_workloads():
-    assert set(workloads.MODELS) == {"gemma2-2b", "gemma2-9b", "gemma2-27b", "glm4-9b", "mvp",
+    assert set(workloads.MODELS) == set(workloads.LAYERS) == {"gemma2-2b", "gemma2-9b", "gemma2-27b", "glm4-9b", "mvp",
                                      "bigbird-pegasus-large", "bert-large"}
 
 

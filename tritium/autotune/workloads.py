@@ -1,7 +1,6 @@
-"""What `tritium tune --model NAME` tunes: the attention shapes of each model family, run
-through the public ops so every kernel of a call path meets its real problem bucket.
-
-MLP, norm, RoPE, block-sparse and NF4 kernels join these workloads as they are written.
+"""What `tritium tune --model NAME` tunes: the attention, MLP, norm and rotary shapes of
+each model family, run through the public ops so every kernel of a call path meets its
+real problem bucket (prefill and training at batch x seqlen tokens, decode at batch).
 """
 
 from __future__ import annotations
@@ -52,6 +51,31 @@ MODELS: dict[str, tuple[AttentionShape, ...]] = {
 
 
 @dataclass(frozen=True)
+class LayerShape:
+    """The rest of a layer: its MLP (gated: act(gate) * up from one stacked weight), its
+    norm ("gemma", "llama" or "layer") and its rotary features (0: learned positions)."""
+
+    hidden: int
+    intermediate: int
+    activation: str
+    gated: bool
+    norm: str
+    rotary_dim: int = 0
+    interleaved: bool = False
+
+
+LAYERS: dict[str, LayerShape] = {
+    "gemma2-2b": LayerShape(2304, 9216, "gelu_tanh", True, "gemma", rotary_dim=256),
+    "gemma2-9b": LayerShape(3584, 14336, "gelu_tanh", True, "gemma", rotary_dim=256),
+    "gemma2-27b": LayerShape(4608, 36864, "gelu_tanh", True, "gemma", rotary_dim=128),
+    "glm4-9b": LayerShape(4096, 13696, "silu", True, "llama", rotary_dim=64, interleaved=True),
+    "mvp": LayerShape(1024, 4096, "gelu", False, "layer"),
+    "bigbird-pegasus-large": LayerShape(1024, 4096, "gelu_tanh", False, "layer"),
+    "bert-large": LayerShape(1024, 4096, "gelu", False, "layer"),
+}
+
+
+@dataclass(frozen=True)
 class Step:
     """One problem to run with tuning on: a label for the progress bar and the call."""
 
@@ -61,9 +85,18 @@ class Step:
 
 def steps(model: str, batches: list[int], seqlens: list[int], dtype: torch.dtype,
           device: str = "cuda", backward: bool = True) -> Iterator[Step]:
-    """The calls that meet every attention problem of `model` at these sizes: prefill
+    """The calls that meet every kernel problem of `model` at these sizes: prefill
     (forward, and backward when `backward`) and, for decoders, one decode step at each
     context length."""
+    layer = LAYERS[model]
+    decoder = any(shape.decoder for shape in MODELS[model])
+    for batch in batches:
+        for tokens in [batch * seqlen for seqlen in seqlens] + ([batch] if decoder else []):
+            yield Step(f"mlp+norm {tokens} tokens", _dense_layer(layer, tokens, dtype, device, backward))
+        if layer.rotary_dim:
+            for seqlen in seqlens:
+                yield Step(f"rotary {batch}x{seqlen}", _rotary(MODELS[model][0], layer, batch, seqlen, dtype, device,
+                                                                backward))
     for shape in MODELS[model]:
         for batch in batches:
             for seqlen in seqlens:
@@ -104,5 +137,46 @@ def _decode(shape, batch, context, dtype, device) -> Callable[[], None]:
         q = torch.randn(batch, 1, shape.heads_q, shape.head_dim, device=device, dtype=dtype)
         tritium.flash_attention_with_kvcache(q, k_cache, v_cache, context - 1, causal=True,
                                              window_size=_window(shape), softcap=shape.softcap)
+
+    return run
+
+
+def _dense_layer(layer: LayerShape, tokens: int, dtype, device, backward) -> Callable[[], None]:
+    def run():
+        import tritium
+
+        x = torch.randn(tokens, layer.hidden, device=device, dtype=dtype, requires_grad=backward)
+        weight = torch.randn(layer.hidden, device=device, dtype=dtype, requires_grad=backward)
+        if layer.norm == "layer":
+            normed = tritium.layer_norm(x, weight, torch.zeros_like(weight))
+        else:
+            normed = tritium.rms_norm(x, weight, offset=1.0 if layer.norm == "gemma" else 0.0)
+        scale = layer.hidden**-0.5
+        if layer.gated:
+            gate_up = torch.randn(2 * layer.intermediate, layer.hidden, device=device, dtype=dtype) * scale
+            down = torch.randn(layer.hidden, layer.intermediate, device=device, dtype=dtype) * scale
+            out = tritium.gated_mlp(normed, gate_up.requires_grad_(backward), down.requires_grad_(backward),
+                                    layer.activation)
+        else:
+            fc1 = torch.randn(layer.intermediate, layer.hidden, device=device, dtype=dtype) * scale
+            out = tritium.linear(normed, fc1.requires_grad_(backward), None, layer.activation)
+        if backward:
+            out.backward(torch.randn_like(out))
+
+    return run
+
+
+def _rotary(shape: AttentionShape, layer: LayerShape, batch, seqlen, dtype, device, backward) -> Callable[[], None]:
+    def run():
+        import tritium
+
+        q = torch.randn(batch, seqlen, shape.heads_q, shape.head_dim, device=device, dtype=dtype,
+                        requires_grad=backward)
+        k = torch.randn(batch, seqlen, shape.heads_kv, shape.head_dim, device=device, dtype=dtype,
+                        requires_grad=backward)
+        angles = torch.rand(seqlen, layer.rotary_dim // 2, device=device)
+        q_out, k_out = tritium.apply_rotary(q, k, angles.cos(), angles.sin(), interleaved=layer.interleaved)
+        if backward:
+            torch.autograd.backward((q_out, k_out), (torch.randn_like(q_out), torch.randn_like(k_out)))
 
     return run
