@@ -1,0 +1,571 @@
+"""NF4 (4-bit NormalFloat) weights in bitsandbytes' format: quantize, dequantize, and the
+fused dequant-matmul that reads the packed weight once.
+
+Format (DESIGN.md): the weight flattened row-major, cut into blocks of `blocksize`
+elements, each code the index of the nearest of 16 NF4 values to x / absmax(block); two
+codes per byte, the earlier element in the high nibble. With double quantization the
+float32 absmax become uint8 codes of the signed 8-bit dynamic map, blockwise (256) around
+their mean: scale = code2[absmax[i]] * absmax2[i // 256] + offset.
+
+`quantize` is plain PyTorch and reproduces bitsandbytes' own arithmetic bit for bit;
+`dequantize` and `matmul` are Triton kernels that decode the (nested) scales inside.
+`matmul` runs a split-K GEMV for few rows (decode) and a tiled tl.dot GEMM for many
+(prefill), by the token-count table of `nf4_tuning`; its backward (w.r.t. x and bias,
+the 4-bit weight stays frozen as in QLoRA) dequantizes and hands the product to cuBLAS.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tritium import autotune
+from tritium.kernels import nf4_tuning as tuning
+from tritium.kernels.mlp import _tile
+from tritium.kernels.online_softmax import dot_precision
+from tritium.kernels.validation import FLOAT_DTYPES, check_device, check_tensor
+
+# bitsandbytes' get_4bit_type("nf4"): quantiles of N(0, 1), scaled to [-1, 1], sorted.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
+NESTED_BLOCKSIZE = 256  # double quantization's block, fixed by bitsandbytes
+_NESTED_BLOCKSIZE = tl.constexpr(NESTED_BLOCKSIZE)
+PATHS = ("auto", "gemv", "gemm")
+SUM_BLOCK = 1024  # outputs per program of the split-K reduction
+
+
+# ----------------------------------------------------------------------------- format
+
+
+@dataclass(eq=False, repr=False)
+class NF4Weight:
+    """A weight of `shape` quantized to NF4, in bitsandbytes' layout.
+
+    packed: uint8 ((numel + 1) // 2, 1), two codes per byte, earlier element high.
+    absmax: float32 (blocks,), blocks = ceil(numel / blocksize); with double quantization
+        uint8 (blocks,) codes of `code2`.
+    code: float32 (16,) the NF4 values (bitsandbytes' quant_map).
+    absmax2, code2, offset: double quantization only: float32 (ceil(blocks / 256),) block
+        scales, the float32 (256,) signed dynamic map and the float32 0-d mean.
+    dtype: the dtype the weight was quantized from (what `dequantize` returns by default).
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    blocksize: int
+    shape: tuple
+    dtype: torch.dtype
+    code: torch.Tensor
+    absmax2: Optional[torch.Tensor] = None
+    code2: Optional[torch.Tensor] = None
+    offset: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        self.shape = tuple(int(s) for s in self.shape)
+        _check_state(self)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax2 is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def tensors(self) -> tuple:
+        """(packed, code, absmax, absmax2, code2, offset): what the custom ops take."""
+        return self.packed, self.code, self.absmax, self.absmax2, self.code2, self.offset
+
+    def to(self, device) -> "NF4Weight":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return NF4Weight(move(self.packed), move(self.absmax), self.blocksize, self.shape, self.dtype,
+                         move(self.code), move(self.absmax2), move(self.code2), move(self.offset))
+
+    def __repr__(self) -> str:
+        return (f"NF4Weight(shape={self.shape}, dtype={self.dtype}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, device={self.device})")
+
+
+def check_blocksize(blocksize) -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize: expected one of {BLOCKSIZES} (bitsandbytes' block sizes), got {blocksize!r}")
+
+
+def _expect(name: str, t, dtype: torch.dtype, numel: int, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"NF4Weight.{name}: expected a torch.Tensor ({what}), got {type(t).__name__}")
+    if t.dtype != dtype or t.numel() != numel:
+        raise ValueError(f"NF4Weight.{name}: expected {numel} {str(dtype)[6:]} values ({what}), "
+                         f"got {str(t.dtype)[6:]} of shape {tuple(t.shape)}")
+
+
+def _check_state(w: NF4Weight) -> None:
+    """Every field consistent with shape and blocksize; all tensors on one device."""
+    check_blocksize(w.blocksize)
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"NF4Weight.dtype: expected float16, bfloat16 or float32, got {w.dtype}")
+    numel = math.prod(w.shape)
+    if not w.shape or numel == 0:
+        raise ValueError(f"NF4Weight.shape: expected a non-empty shape, got {w.shape}")
+    blocks = -(-numel // w.blocksize)
+    _expect("packed", w.packed, torch.uint8, (numel + 1) // 2, f"two 4-bit codes per byte of a {w.shape} weight")
+    _expect("code", w.code, torch.float32, 16, "the 16 NF4 values")
+    parts = (w.absmax2, w.code2, w.offset)
+    if any(p is None for p in parts) and any(p is not None for p in parts):
+        raise ValueError("NF4Weight: absmax2, code2 and offset come together (double quantization) or not at all")
+    per_block = f"one per {w.blocksize}-element block of a {w.shape} weight"
+    if w.double_quant:
+        _expect("absmax", w.absmax, torch.uint8, blocks, f"8-bit codes, {per_block}")
+        _expect("absmax2", w.absmax2, torch.float32, -(-blocks // NESTED_BLOCKSIZE),
+                f"one per {NESTED_BLOCKSIZE} absmax codes")
+        _expect("code2", w.code2, torch.float32, 256, "the signed 8-bit dynamic map")
+        _expect("offset", w.offset, torch.float32, 1, "the mean of absmax")
+    else:
+        _expect("absmax", w.absmax, torch.float32, blocks, per_block)
+    for name in ("absmax", "code", "absmax2", "code2", "offset"):
+        t = getattr(w, name)
+        if t is not None and t.device != w.packed.device:
+            raise ValueError(f"NF4Weight.{name}: on {t.device}, packed on {w.packed.device}; they must match")
+
+
+def nf4_code(device=None) -> torch.Tensor:
+    """The 16 NF4 values, float32."""
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+def dynamic_map(device=None) -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map(signed=True)), float32
+    (256,) sorted: for exponents 10^-6 .. 10^0, the midpoints of 2^i linear steps over
+    [0.1, 1] of either sign, plus 0 and 1. Same float32 steps, so the same values."""
+    values = [0.0, 1.0]
+    for i in range(7):
+        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        scale = 10 ** (i - 6)
+        values += (scale * means).tolist() + (-scale * means).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+def _quantize_nf4(flat: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed, absmax) of float32 `flat`, as bitsandbytes' quantize_4bit computes them:
+    full blocks scale by x * (1 / absmax), the partial last block by x / absmax with its
+    absmax floored at 1e-38 (and stored so); a value on a midpoint of two codes takes the
+    lower one (bucketize). Kept verbatim so codes and absmax match bit for bit."""
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)
+    absmax = blocks.abs().max(dim=-1)[0]
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if full < n:
+        last = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, last.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / last, -1, 1)])
+    if n % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
+    return ((q[::2] << 4) | q[1::2]).unsqueeze(1), absmax
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_table(device: torch.device) -> torch.Tensor:
+    """bitsandbytes' CPU rounding table for the dynamic map: [-1, 1] cut into 65536 steps,
+    each mapped to the code whose midpoints bracket it (a midpoint itself goes low)."""
+    code = dynamic_map()
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    steps = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
+    return torch.searchsorted(midpoints, steps).to(torch.uint8).to(device)
+
+
+def _quantize_dynamic(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8, absmax2 float32) of `values` in blocks of 256 with the dynamic map,
+    as bitsandbytes 0.50's quantize_blockwise rounds on the CPU (the test oracle): not to
+    the nearest code but through `_dynamic_table`, index trunc(((v + 1) / 2) * 65535 + 0.5)
+    in float32 steps; an all-zero block gets absmax 0 and code 0."""
+    n = values.numel()
+    blocks = -(-n // NESTED_BLOCKSIZE)
+    padded = torch.nn.functional.pad(values, (0, blocks * NESTED_BLOCKSIZE - n)).view(blocks, -1)
+    absmax2 = padded.abs().amax(dim=1)
+    inverse = torch.where(absmax2 > 0, 1.0 / absmax2, torch.zeros_like(absmax2))
+    normed = torch.clamp(padded * inverse[:, None], -1, 1)
+    step = (((normed + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int32)
+    codes = _dynamic_table(values.device)[step.long()]
+    codes = torch.where(absmax2[:, None] > 0, codes, torch.zeros_like(codes))
+    return codes.reshape(-1)[:n], absmax2
+
+
+def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
+    """NF4-quantize `weight` (any shape, float16/bfloat16/float32), bit-identical to
+    bitsandbytes.functional.quantize_4bit(weight, blocksize, quant_type="nf4",
+    compress_statistics=double_quant) on the CPU. Plain PyTorch on weight's device."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight: expected dtype float16, bfloat16 or float32, got {weight.dtype}")
+    if weight.dim() == 0 or weight.numel() == 0:
+        raise ValueError(f"weight: expected a non-empty tensor of rank >= 1, got shape {tuple(weight.shape)}")
+    check_blocksize(blocksize)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant: expected bool, got {type(double_quant).__name__}")
+    code = nf4_code(weight.device)
+    packed, absmax = _quantize_nf4(weight.detach().reshape(-1).float(), blocksize, code)
+    if not double_quant:
+        return NF4Weight(packed, absmax, blocksize, tuple(weight.shape), weight.dtype, code)
+    offset = absmax.mean()
+    codes, absmax2 = _quantize_dynamic(absmax - offset)
+    return NF4Weight(packed, codes, blocksize, tuple(weight.shape), weight.dtype, code, absmax2,
+                     dynamic_map(weight.device), offset)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _scales(Absmax, Absmax2, Code2, Offset, block, NESTED: tl.constexpr):
+    """float32 scales of the 4-bit blocks `block` (int tensor, any shape, in range):
+    absmax[block], or code2[absmax[block]] * absmax2[block // 256] + offset rounded after
+    the product as bitsandbytes does (launch with enable_fp_fusion=False to match it bit
+    for bit)."""
+    if NESTED:
+        q = tl.load(Absmax + block).to(tl.int32)
+        return tl.load(Code2 + q) * tl.load(Absmax2 + block // _NESTED_BLOCKSIZE) + tl.load(Offset)
+    else:
+        return tl.load(Absmax + block)
+
+
+@triton.jit
+def _weight_halves(P, Code, Absmax, Absmax2, Code2, Offset, rows, k0, K, offs_j,
+                   BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr):
+    """float32 (hi, lo) tiles of W[rows, k0 + 2j] and W[rows, k0 + 2j + 1], j in offs_j:
+    the two codes of one byte. rows: in range; K even, so rows start on a byte.
+
+    ALIGNED (K % BLOCKSIZE == 0 and the K tile inside one block): one scale per row. Else
+    each byte gets its own (both of its codes share a block: block sizes are even) and
+    bytes past K read code 0 (the caller's x is 0 there)."""
+    rows = rows.to(tl.int64)
+    ptrs = P + rows[:, None] * (K // 2) + (k0 // 2 + offs_j)[None, :]
+    if ALIGNED:
+        codes = tl.load(ptrs).to(tl.int32)
+        scale = _scales(Absmax, Absmax2, Code2, Offset, rows * (K // BLOCKSIZE) + k0 // BLOCKSIZE, NESTED)[:, None]
+    else:
+        cols = k0 + 2 * offs_j
+        codes = tl.load(ptrs, mask=(cols < K)[None, :], other=0).to(tl.int32)
+        flat = rows[:, None] * K + tl.minimum(cols, K - 2)[None, :]
+        scale = _scales(Absmax, Absmax2, Code2, Offset, flat // BLOCKSIZE, NESTED)
+    return tl.load(Code + (codes >> 4)) * scale, tl.load(Code + (codes & 15)) * scale
+
+
+@triton.jit
+def _finish(acc, rows, cols, M, N, Bias, Out, Partial, split, stride_om, stride_on,
+            HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store the float32 tile acc of Out[rows, cols]. One split: add the bias, write Out in
+    its dtype. Several: write this split's partial sums to Partial (SPLIT_K, M, N), which
+    `_split_sum_kernel` adds in a fixed order (deterministic, unlike atomics)."""
+    ok = (rows < M)[:, None] & (cols < N)[None, :]
+    rows = rows.to(tl.int64)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(Bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        ptrs = Out + rows[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(ptrs, acc.to(Out.dtype.element_ty), mask=ok)
+    else:
+        tl.store(Partial + (split * M + rows)[:, None] * N + cols[None, :], acc, mask=ok)
+
+
+@triton.jit
+def _dequantize_kernel(P, Code, Absmax, Absmax2, Code2, Offset, Out, numel,
+                       BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr):
+    """Out[i] = code[nibble i] * scale(i // BLOCKSIZE) for BLOCK consecutive elements:
+    each byte read once, its two values interleaved back into element order."""
+    pid = tl.program_id(0).to(tl.int64)
+    first = pid * BLOCK + 2 * tl.arange(0, BLOCK // 2)  # the element in each byte's high nibble
+    codes = tl.load(P + first // 2, mask=first < numel, other=0).to(tl.int32)
+    scale = _scales(Absmax, Absmax2, Code2, Offset, tl.minimum(first, numel - 1) // BLOCKSIZE, NESTED)
+    values = tl.interleave(tl.load(Code + (codes >> 4)) * scale, tl.load(Code + (codes & 15)) * scale)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Out + offs, values.to(Out.dtype.element_ty), mask=offs < numel)
+
+
+@triton.jit
+def _gemv_kernel(
+    X, P, Code, Absmax, Absmax2, Code2, Offset, Bias, Out, Partial,
+    M, N, K, split_len, stride_xm, stride_xk, stride_om, stride_on,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Out[rows, cols] = X[rows] @ W[cols]^T over K range [split * split_len, +split_len):
+    each program dequantizes a (BLOCK_N, BLOCK_K) weight slab once per K step and
+    multiplies it into BLOCK_M rows with float32 FMAs, even and odd columns apart so the
+    packed bytes need no interleaving. For decode: no tl.dot padding rows up to 16."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = tl.arange(0, BLOCK_K // 2)
+    x_base = X + rows[:, None].to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start = split * split_len
+    for k0 in range(start, tl.minimum(start + split_len, K), BLOCK_K):
+        hi, lo = _weight_halves(P, Code, Absmax, Absmax2, Code2, Offset, cols % N, k0, K, offs_j,
+                                BLOCKSIZE, NESTED, ALIGNED)
+        k = k0 + 2 * offs_j
+        x_ptrs = x_base + k[None, :] * stride_xk
+        x_ok = (rows < M)[:, None] & (k < K)[None, :]
+        x_even = tl.load(x_ptrs, mask=x_ok, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptrs + stride_xk, mask=x_ok, other=0.0).to(tl.float32)
+        acc += tl.sum(x_even[:, None, :] * hi[None, :, :] + x_odd[:, None, :] * lo[None, :, :], axis=2)
+    _finish(acc, rows, cols, M, N, Bias, Out, Partial, split, stride_om, stride_on, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _gemm_kernel(
+    X, P, Code, Absmax, Absmax2, Code2, Offset, Bias, Out, Partial,
+    M, N, K, split_len, stride_xm, stride_xk, stride_om, stride_on,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) tile of Out = X @ W^T over one K split: the packed tile is
+    dequantized in registers, interleaved into column order, rounded to X's dtype (the
+    weight bitsandbytes' dequantize-then-matmul multiplies) and fed to tl.dot."""
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, BLOCK_K // 2)
+    # Rows past the edge wrap around: their loads need no mask, the store drops them.
+    x_base = X + (rows % M)[:, None].to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start = split * split_len
+    for k0 in range(start, tl.minimum(start + split_len, K), BLOCK_K):
+        x_ptrs = x_base + (k0 + offs_k)[None, :] * stride_xk
+        if ALIGNED:
+            x = tl.load(x_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=(k0 + offs_k < K)[None, :], other=0.0)
+        hi, lo = _weight_halves(P, Code, Absmax, Absmax2, Code2, Offset, cols % N, k0, K, offs_j,
+                                BLOCKSIZE, NESTED, ALIGNED)
+        w = tl.interleave(hi, lo).to(X.dtype.element_ty)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    _finish(acc, rows, cols, M, N, Bias, Out, Partial, split, stride_om, stride_on, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _split_sum_kernel(Partial, Bias, Out, M, N, stride_om, stride_on,
+                      HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """Out = sum over splits of Partial (SPLIT_K, M, N), in split order, + bias."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < M * N
+    acc = tl.load(Partial + offs, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(Partial + s * M * N + offs, mask=ok, other=0.0)
+    col = offs % N
+    if HAS_BIAS:
+        acc += tl.load(Bias + col, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Out + (offs // N) * stride_om + col * stride_on, acc.to(Out.dtype.element_ty), mask=ok)
+
+
+_DECODE = (_scales, _weight_halves, _finish)
+DEQUANTIZE = autotune.Kernel(
+    "nf4_dequantize", space=tuning.DEQUANTIZE_SPACE, key=tuning.dequantize_bucket, default=tuning.dequantize_default,
+    interpreter=tuning.DEQUANTIZE_INTERPRETER, sources=(_dequantize_kernel, _scales),
+)
+GEMV = autotune.Kernel(
+    "nf4_gemv", space=tuning.GEMV_SPACE, key=tuning.matmul_bucket, default=tuning.gemv_default,
+    interpreter=tuning.GEMV_INTERPRETER, prune=tuning.gemv_fits, sources=(_gemv_kernel, _split_sum_kernel, *_DECODE),
+)
+GEMM = autotune.Kernel(
+    "nf4_gemm", space=tuning.GEMM_SPACE, key=tuning.matmul_bucket, default=tuning.gemm_default,
+    interpreter=tuning.GEMM_INTERPRETER, prune=tuning.gemm_fits,
+    sources=(_gemm_kernel, _split_sum_kernel, _tile, *_DECODE),
+)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _pointers(packed, code, absmax, absmax2, code2, offset) -> tuple:
+    """Kernel pointer arguments; without double quantization the nested ones are unused
+    placeholders (NESTED=False never reads them)."""
+    if absmax2 is None:
+        return packed, code, absmax, absmax, code, absmax
+    return packed, code, absmax, absmax2, code2, offset
+
+
+def launch_dequantize(state: tuple, out: torch.Tensor, blocksize: int) -> None:
+    """out (contiguous, numel of the weight) = the dequantized weight of `state`
+    (NF4Weight.tensors()). Floating-point contraction is off: a fused multiply-add would
+    round the nested scale differently from bitsandbytes."""
+    numel = out.numel()
+
+    def launch(config):
+        grid = (triton.cdiv(numel, config.meta["BLOCK"]),)
+        _dequantize_kernel[grid](*_pointers(*state), out, numel, BLOCKSIZE=blocksize, NESTED=state[3] is not None,
+                                 enable_fp_fusion=False, **config.launch_kwargs())
+
+    launch(DEQUANTIZE.lookup(launch, numel=numel, dtype=out.dtype))
+
+
+def launch_matmul(x: torch.Tensor, state: tuple, bias, out: torch.Tensor, blocksize: int, path: str) -> None:
+    """out (M, N) = x (M, K) @ W^T + bias on `path` ("gemv" or "gemm"); W (N, K) given by
+    `state` (NF4Weight.tensors()), K even; x and out any strides, bias contiguous."""
+    m, k = x.shape
+    n = out.shape[1]
+    if m == 0 or n == 0:
+        return
+    pointers = _pointers(*state)
+
+    def launch(config):
+        split, block_k = config.meta["SPLIT_K"], config.meta["BLOCK_K"]
+        split_len = triton.cdiv(triton.cdiv(k, block_k), split) * block_k
+        partial = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        args = (x, *pointers, out if bias is None else bias, out, partial, m, n, k, split_len, *x.stride(), *out.stride())
+        flags = dict(BLOCKSIZE=blocksize, NESTED=state[3] is not None, HAS_BIAS=bias is not None,
+                     ALIGNED=k % blocksize == 0 and blocksize % block_k == 0)
+        if path == "gemv":
+            block_m = tuning.pow2(m, 1, 16)
+            grid = (triton.cdiv(n, config.meta["BLOCK_N"]), split, triton.cdiv(m, block_m))
+            _gemv_kernel[grid](*args, BLOCK_M=block_m, **flags, **config.launch_kwargs())
+        else:
+            grid = (triton.cdiv(m, config.meta["BLOCK_M"]) * triton.cdiv(n, config.meta["BLOCK_N"]), split)
+            # No contraction: the dequantized tile equals dequantize()'s bit for bit (it costs
+            # nothing here, where products accumulate in tl.dot; the GEMV's FMAs keep it).
+            _gemm_kernel[grid](*args, PRECISION=dot_precision(x.dtype), **flags, enable_fp_fusion=False,
+                               **config.launch_kwargs())
+        if split > 1:
+            _split_sum_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
+                partial, out if bias is None else bias, out, m, n, *out.stride(),
+                HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=SUM_BLOCK,
+            )
+
+    kernel = GEMV if path == "gemv" else GEMM
+    launch(kernel.lookup(launch, m=m, n=n, k=k, dtype=x.dtype, blocksize=blocksize))
+
+
+# ----------------------------------------------------------------------------- custom ops and autograd
+
+
+@torch.library.custom_op("tritium::nf4_dequantize", mutates_args=())
+def _dequantize_op(
+    packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
+    code2: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int, shape: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    launch_dequantize((packed, code, absmax, absmax2, code2, offset), out, blocksize)
+    return out
+
+
+@_dequantize_op.register_fake
+def _(packed, code, absmax, absmax2, code2, offset, blocksize, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("tritium::nf4_matmul", mutates_args=())
+def _matmul_op(
+    x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor,
+    absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], blocksize: int, out_features: int, path: str,
+) -> torch.Tensor:
+    """x (M, K) @ W^T + bias -> (M, out_features) in x's dtype."""
+    out = x.new_empty((x.shape[0], out_features))
+    launch_matmul(x, (packed, code, absmax, absmax2, code2, offset), bias, out, blocksize, path)
+    return out
+
+
+@_matmul_op.register_fake
+def _(x, packed, code, absmax, absmax2, code2, offset, bias, blocksize, out_features, path):
+    return x.new_empty((x.shape[0], out_features))
+
+
+class NF4MatmulFunction(torch.autograd.Function):
+    """x (M, K) @ W^T + bias with W frozen in NF4; gradients for x and bias."""
+
+    @staticmethod
+    def forward(ctx, x, bias, shape, blocksize, path, *state):
+        ctx.save_for_backward(*state)
+        ctx.shape, ctx.blocksize = shape, blocksize
+        return _matmul_op(x, *state, bias, blocksize, shape[0], path)
+
+    @staticmethod
+    def backward(ctx, dy):
+        # dx = dy @ W: dequantize W once into dy's dtype and let cuBLAS multiply. Training
+        # runs this at many tokens, where the GEMM is compute-bound and dequantizing
+        # (0.5 byte read, 2 written per weight) costs a few percent of it; a fused kernel
+        # would have to beat cuBLAS to win that back. bitsandbytes' QLoRA backward holds
+        # the same transient 16-bit W.
+        dx = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ _dequantize_op(*ctx.saved_tensors, ctx.blocksize, list(ctx.shape), dy.dtype)
+        if ctx.needs_input_grad[1]:
+            dbias = dy.sum(0)
+        return dx, dbias, None, None, None, *([None] * len(ctx.saved_tensors))
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_weight(w, device: torch.device | None = None) -> None:
+    if not isinstance(w, NF4Weight):
+        raise TypeError(f"w: expected an NF4Weight (from tritium.nf4.quantize), got {type(w).__name__}")
+    check_device("w", w.packed)
+    if device is not None and w.device != device:
+        raise ValueError(f"w: on {w.device}, x on {device}; they must match")
+
+
+def dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight of `w` (its shape) in `dtype` (default: the dtype it was quantized from),
+    equal to bitsandbytes' dequantize_4bit: code * scale in float32, bit for bit, then
+    rounded to nearest-even into a 16-bit dtype."""
+    _check_weight(w)
+    dtype = w.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected float16, bfloat16 or float32, got {dtype}")
+    return _dequantize_op(*w.tensors(), w.blocksize, list(w.shape), dtype)
+
+
+def matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, *, path: str = "auto") -> torch.Tensor:
+    """x @ W^T + bias, W the NF4 weight (out_features, in_features) of `w` (nn.Linear's
+    layout), read once in packed form; differentiable w.r.t. x and bias.
+
+    x: (..., in_features) float16, bfloat16 or float32, any strides; in_features even
+    (two codes share a byte). bias: None or (out_features,) in x's dtype. Returns
+    (..., out_features) in x's dtype, accumulated in float32. path: "auto" (by token
+    count, nf4_tuning.GEMV_BUCKETS), "gemv" or "gemm" to force one."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0:
+        raise ValueError("x: expected a tensor (..., in_features), got a 0-d tensor")
+    check_tensor("x", x, shape="(..., in_features)", ndim=x.dim() if isinstance(x, torch.Tensor) else 2)
+    _check_weight(w, x.device)
+    if len(w.shape) != 2:
+        raise ValueError(f"w: expected a 2-d (out_features, in_features) weight, got shape {w.shape}")
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x: last dim {x.shape[-1]} must equal w's in_features {k} (w is {w.shape})")
+    if k % 2:
+        raise ValueError(f"w: in_features = {k} is odd; two 4-bit codes share a byte, so rows must have an even "
+                         "length for the matmul (dequantize handles any shape)")
+    if bias is not None:
+        check_tensor("bias", bias, shape="(out_features,)", ndim=1)
+        if bias.shape[0] != n or bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(f"bias: expected ({n},) {x.dtype} on {x.device}, got {tuple(bias.shape)} {bias.dtype} "
+                             f"on {bias.device}")
+        bias = bias.contiguous()
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    rows = x.reshape(-1, k)
+    chosen = tuning.path(rows.shape[0]) if path == "auto" else path
+    out = NF4MatmulFunction.apply(rows, bias, w.shape, w.blocksize, chosen, *w.tensors())
+    return out.reshape(*x.shape[:-1], n)

@@ -1,0 +1,123 @@
+"""How the NF4 kernels are tuned, as data: which path each token count takes, the problem
+bucket, the config spaces, the predicates that prune configs a GPU cannot run (or that
+would leave the fast one-scale-per-row tile path), and the heuristic defaults.
+
+Two matmul paths: the GEMV (few rows: every program streams a slab of the packed weight
+once and multiplies it into all rows with FMAs, split over K so enough programs keep the
+memory system busy) and the tiled GEMM (dequantized weight tiles fed to tl.dot).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tritium.autotune import Config
+
+# Token counts (M, by powers of two) that run the GEMV path; larger ones run the GEMM.
+GEMV_BUCKETS = (1, 2, 4, 8, 16)
+SMS = 132  # H100 SXM; programs per wave the defaults aim to fill
+SHARED_MEMORY = 227 * 1024  # Hopper's per-block maximum; the tuner skips what fails anyway
+ACC_REGISTERS = 128  # float32 values per thread a tile may hold before the kernel spills
+
+DEQUANTIZE_INTERPRETER = Config({"BLOCK": 4096}, num_warps=4, num_stages=1)
+DEQUANTIZE_SPACE = {"BLOCK": (512, 1024, 2048, 4096), "num_warps": (4, 8), "num_stages": (1,)}
+
+# The interpreter configs split K in two so the CPU tests run the split-K reduction.
+GEMV_INTERPRETER = Config({"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}, num_warps=4, num_stages=1)
+GEMV_SPACE = {
+    "BLOCK_N": (8, 16, 32, 64, 128), "BLOCK_K": (32, 64, 128, 256), "SPLIT_K": (1, 2, 4, 8, 16),
+    "num_warps": (4, 8), "num_stages": (1, 3),
+}
+GEMM_INTERPRETER = Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 4},
+                          num_warps=4, num_stages=1)
+GEMM_SPACE = {
+    "BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128, 256), "BLOCK_K": (32, 64, 128), "SPLIT_K": (1, 2, 4),
+    "GROUP_M": (8,), "num_warps": (4, 8), "num_stages": (2, 3, 4),
+}
+
+
+def pow2(n: int, lo: int, hi: int) -> int:
+    """The next power of two >= n, clamped to [lo, hi]."""
+    return min(max(1 << (max(n, 1) - 1).bit_length(), lo), hi)
+
+
+def path(m: int) -> str:
+    """"gemv" or "gemm": the path a problem of m rows takes."""
+    return "gemv" if pow2(m, 1, 1 << 30) in GEMV_BUCKETS else "gemm"
+
+
+def dequantize_bucket(*, numel: int, dtype: torch.dtype) -> dict:
+    return {"numel": pow2(numel, 1 << 16, 1 << 30), "dtype": str(dtype).replace("torch.", "")}
+
+
+def dequantize_default(**_) -> Config:
+    return Config({"BLOCK": 1024}, num_warps=4, num_stages=1)
+
+
+def matmul_bucket(*, m: int, n: int, k: int, dtype: torch.dtype, blocksize: int) -> dict:
+    """Token count m by powers of two; the weight's sizes exactly (a model has few); the
+    block size, which bounds BLOCK_K (see `_aligned`)."""
+    return {"m": pow2(m, 1, 1 << 16), "n": n, "k": k, "dtype": str(dtype).replace("torch.", ""),
+            "blocksize": blocksize}
+
+
+def _aligned(config: Config, bucket: dict) -> bool:
+    """A K tile within one quantization block gets one scale per weight row; a wider one
+    needs a scale per byte. Only when in_features is a multiple of the block size (else
+    every tile takes a scale per byte anyway) does that rule configs out."""
+    return bucket["k"] % bucket["blocksize"] != 0 or bucket["blocksize"] % config.meta["BLOCK_K"] == 0
+
+
+def _split_fits(config: Config, bucket: dict) -> bool:
+    return config.meta["SPLIT_K"] * config.meta["BLOCK_K"] <= bucket["k"]
+
+
+def gemv_fits(config: Config, bucket: dict) -> bool:
+    """The (rows, BLOCK_N, BLOCK_K / 2) products of one K step fit in registers."""
+    products = bucket["m"] * config.meta["BLOCK_N"] * config.meta["BLOCK_K"] // 2
+    return _aligned(config, bucket) and _split_fits(config, bucket) and products <= ACC_REGISTERS * 32 * config.num_warps
+
+
+def gemm_fits(config: Config, bucket: dict) -> bool:
+    """No tile taller than the rows there are; x and packed tiles pipelined in shared
+    memory plus the dequantized tile staged for tl.dot; the accumulator in registers."""
+    block_m, block_n, block_k = (config.meta[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    m = bucket["m"]
+    if block_m > max(16, m) or (m >= 256 and block_m < 64):
+        return False
+    itemsize = 4 if bucket["dtype"] == "float32" else 2
+    smem = config.num_stages * (block_m * itemsize + block_n // 2) * block_k + block_n * block_k * itemsize
+    regs = block_m * block_n + block_n * block_k  # accumulator + the dequantized tile
+    return (_aligned(config, bucket) and _split_fits(config, bucket) and smem <= SHARED_MEMORY
+            and regs <= ACC_REGISTERS * 32 * config.num_warps)
+
+
+def _split(tiles: int, k: int, block_k: int, most: int, waves: int) -> int:
+    """Split K until about `waves` waves of programs run, keeping >= 4 K steps per split."""
+    split = 1
+    while split < most and tiles * split < waves * SMS and k // (2 * split * block_k) >= 4:
+        split *= 2
+    return split
+
+
+def gemv_default(*, m: int, n: int, k: int, blocksize: int, **_) -> Config:
+    """Narrow row slabs and split K so every SM holds several programs (the loads of a
+    loop without tl.dot are not pipelined: programs in flight hide the latency); K steps
+    as long as one quantization block allows (one scale load per row per step)."""
+    block_k = min(blocksize, 128)
+    block_n = 32 if m <= 4 else 16
+    return Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": _split(-(-n // block_n), k, block_k, 16, waves=8)},
+                  num_warps=4, num_stages=3)
+
+
+def gemm_default(*, m: int, n: int, k: int, dtype: str, blocksize: int, **_) -> Config:
+    """The matmul tutorial's Hopper tiles, with BLOCK_K within one quantization block;
+    split-K only while the tiles alone leave SMs idle."""
+    block_k = min(blocksize, 32 if dtype == "float32" else 64)
+    if m <= 64:
+        block_m, block_n, warps = max(16, m), 64, 4
+    else:
+        block_m, block_n, warps = 128, 64 if dtype == "float32" else 128, 8
+    tiles = -(-m // block_m) * -(-n // block_n)
+    return Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
+                   "SPLIT_K": _split(tiles, k, block_k, 4, waves=2)}, num_warps=warps, num_stages=3)
