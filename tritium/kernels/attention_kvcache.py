@@ -231,6 +231,9 @@ def flash_attention_with_kvcache(
     first cache_seqlens[b] + seqlen_new keys. causal/window/softcap/softmax_scale as in
     `flash_attention`, with query i at position i + seqlen_k[b] - seqlen_q.
     num_splits: key-range splits (None = enough to fill the GPU).
+    A tensor cache_seqlens is range-checked on the host (one sync per call) except under
+    CUDA-graph capture or torch.compile, where the kernels only clamp to max_seqlen: for
+    sync-free eager decode pass an int, or capture the decode step in a CUDA graph.
 
     Returns out (batch, seqlen_q, heads_q, head_dim), and lse (batch, heads_q, seqlen_q)
     float32 with return_lse.
