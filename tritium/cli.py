@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--seqlen", type=_ints, default=[512, 2048, 8192], help="lengths (default 512,2048,8192)")
     tune.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     tune.add_argument("--no-backward", action="store_true", help="inference only: skip the backward kernels")
+    tune.add_argument("--nf4", action="store_true", help="also the 4-bit (NF4) matmuls of the MLP weights")
     tune.add_argument("--export", nargs="?", const="", metavar="FILE",
                       help="also write the valid cached entries as a table to ship "
                            "(default FILE: tritium/autotune/configs/<sku>.json)")
@@ -162,7 +163,7 @@ def _tune_command(args: argparse.Namespace, argv: list[str]) -> None:
     sku = autotune.active_sku()
     print(f"tuning {args.model} on {sku.name} ({sku.slug}); cache: {store.cache_path(sku)}")
     todo = list(workloads.steps(args.model, args.batch, args.seqlen, getattr(torch, args.dtype),
-                                backward=not args.no_backward))
+                                backward=not args.no_backward, nf4=args.nf4))
     skipped = []
     with autotune.tuning():
         for step in tqdm(todo, desc=f"tune {args.model}", unit="problem"):

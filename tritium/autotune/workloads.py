@@ -83,16 +83,26 @@ class Step:
     run: Callable[[], None]
 
 
+# BigBird-Pegasus-large's encoder: block-sparse attention (16 heads of 64, blocks of 64, 3 random).
+BLOCK_SPARSE = {"bigbird-pegasus-large": (16, 64, 64, 3)}
+
+
 def steps(model: str, batches: list[int], seqlens: list[int], dtype: torch.dtype,
-          device: str = "cuda", backward: bool = True) -> Iterator[Step]:
+          device: str = "cuda", backward: bool = True, nf4: bool = False) -> Iterator[Step]:
     """The calls that meet every kernel problem of `model` at these sizes: prefill
     (forward, and backward when `backward`) and, for decoders, one decode step at each
-    context length."""
+    context length. nf4: also the 4-bit matmuls of the MLP weights (QLoRA, 4-bit decode)."""
     layer = LAYERS[model]
     decoder = any(shape.decoder for shape in MODELS[model])
     for batch in batches:
         for tokens in [batch * seqlen for seqlen in seqlens] + ([batch] if decoder else []):
             yield Step(f"mlp+norm {tokens} tokens", _dense_layer(layer, tokens, dtype, device, backward))
+            if nf4:
+                yield Step(f"nf4 mlp {tokens} tokens", _nf4_layer(layer, tokens, dtype, device))
+        if model in BLOCK_SPARSE:
+            for seqlen in seqlens:
+                yield Step(f"block-sparse {batch}x{seqlen}", _block_sparse(BLOCK_SPARSE[model], batch, seqlen, dtype,
+                                                                           device, backward))
         if layer.rotary_dim:
             for seqlen in seqlens:
                 yield Step(f"rotary {batch}x{seqlen}", _rotary(MODELS[model][0], layer, batch, seqlen, dtype, device,
@@ -178,5 +188,37 @@ def _rotary(shape: AttentionShape, layer: LayerShape, batch, seqlen, dtype, devi
         q_out, k_out = tritium.apply_rotary(q, k, angles.cos(), angles.sin(), interleaved=layer.interleaved)
         if backward:
             torch.autograd.backward((q_out, k_out), (torch.randn_like(q_out), torch.randn_like(k_out)))
+
+    return run
+
+
+def _nf4_layer(layer: LayerShape, tokens: int, dtype, device) -> Callable[[], None]:
+    def run():
+        import tritium
+
+        x = torch.randn(tokens, layer.hidden, device=device, dtype=dtype)
+        up_rows = 2 * layer.intermediate if layer.gated else layer.intermediate
+        for shape in ((up_rows, layer.hidden), (layer.hidden, layer.intermediate)):
+            weight = tritium.nf4.quantize(torch.randn(shape, device=device, dtype=dtype), double_quant=True)
+            tritium.nf4.matmul(x if shape[1] == layer.hidden else torch.randn(tokens, shape[1], device=device,
+                                                                                 dtype=dtype), weight)
+
+    return run
+
+
+def _block_sparse(shape: tuple, batch, seqlen, dtype, device, backward) -> Callable[[], None]:
+    heads, head_dim, block_size, random = shape
+
+    def run():
+        import tritium
+        from tritium.kernels.block_sparse import min_seqlen
+
+        if seqlen < min_seqlen(block_size, random):
+            return  # transformers uses full attention there: the dense kernels cover it
+        q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype, requires_grad=backward)
+                   for _ in range(3))
+        out = tritium.block_sparse_attention(q, k, v, block_size=block_size, num_random_blocks=random)
+        if backward:
+            out.backward(torch.randn_like(out))
 
     return run
