@@ -1,0 +1,302 @@
+"""transformers integration: tiny random models with attn_implementation="tritium" against
+"eager" (same weights, the implementation switched with set_attn_implementation).
+
+Both paths run in float32; they differ only by summation order (tritium's online softmax
+vs eager's materialised scores), so logits agree to float32 rounding amplified through a
+few layers: we allow 1e-4 of the logits' scale."""
+
+import pytest
+import torch
+from transformers import (
+    BertGenerationConfig,
+    BertGenerationDecoder,
+    BertGenerationEncoder,
+    BigBirdPegasusConfig,
+    BigBirdPegasusForConditionalGeneration,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Glm4Config,
+    Glm4ForCausalLM,
+    MvpConfig,
+    MvpForConditionalGeneration,
+)
+
+import tritium.hf
+from tests.conftest import DEVICE
+
+TINY = dict(vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+DECODER = dict(TINY, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+SEQ2SEQ = dict(TINY, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+               decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+               dropout=0.0, attention_dropout=0.0, decoder_start_token_id=1)
+BERT = dict(TINY, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64)
+
+
+def gemma2():
+    # Window 6 < sequence. Softcap 2 and init std 0.2 (scores of a few units): without the
+    # softcap the logits move by ~30% of their scale, so a dropped softcap cannot pass.
+    config = Gemma2Config(**DECODER, sliding_window=6, attn_logit_softcapping=2.0, final_logit_softcapping=30.0,
+                          query_pre_attn_scalar=16, attention_dropout=0.0, initializer_range=0.2)
+    return Gemma2ForCausalLM(config)
+
+
+def glm4():
+    return Glm4ForCausalLM(Glm4Config(**DECODER, partial_rotary_factor=0.5, attention_dropout=0.0))
+
+
+def bert_decoder():
+    return BertGenerationDecoder(BertGenerationConfig(**BERT, is_decoder=True))
+
+
+def bigbird_pegasus():
+    return BigBirdPegasusForConditionalGeneration(BigBirdPegasusConfig(**SEQ2SEQ, attention_type="original_full"))
+
+
+CAUSAL_LMS = {"gemma2": gemma2, "glm4": glm4, "bert_generation": bert_decoder}
+
+
+def make(factory):
+    return factory().to(DEVICE).eval()
+
+
+def padded_batch(seqlen=14, left=True):
+    """Two sequences, the second padded by 4 tokens (left for decoders, right for encoders)."""
+    ids = torch.randint(3, 100, (2, seqlen), device=DEVICE)
+    mask = torch.ones_like(ids)
+    pad = slice(0, 4) if left else slice(seqlen - 4, seqlen)
+    mask[1, pad] = 0
+    ids[1, pad] = 0
+    return ids, mask
+
+
+def run_both(model, fn):
+    """fn(model) under "eager", then under "tritium"."""
+    model.set_attn_implementation("eager")
+    eager = fn(model)
+    model.set_attn_implementation("tritium")
+    return eager, fn(model)
+
+
+def assert_logits_close(eager, ours, valid=None):
+    if valid is not None:  # padded query rows differ (eager: uniform softmax; tritium: 0) and are never read
+        eager, ours = eager[valid.bool()], ours[valid.bool()]
+    tol = 1e-4 * eager.abs().max().item()
+    assert (ours - eager).abs().max().item() <= tol
+
+
+def loss_grads(model, ids, mask):
+    """Parameter gradients of the LM loss, padded label positions ignored."""
+    model.zero_grad()
+    model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(eager, ours):
+    assert eager.keys() == ours.keys()
+    for name in eager:
+        assert (ours[name] - eager[name]).abs().max().item() <= 1e-4 * eager[name].abs().max().item() + 1e-7, name
+
+
+@pytest.mark.parametrize("family", CAUSAL_LMS)
+def test_causal_lm_logits_padded(family):
+    model = make(CAUSAL_LMS[family])
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        eager, ours = run_both(model, lambda m: m(input_ids=ids, attention_mask=mask).logits)
+    assert_logits_close(eager, ours, mask)
+
+
+@pytest.mark.parametrize("family", CAUSAL_LMS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_greedy_generate(family, padded):
+    """Prompt 10 + 5 new tokens: Gemma 2's window (6) slides during decode. Unpadded decode
+    takes the split-KV path, padded decode the prefill kernel with a key padding mask."""
+    model = make(CAUSAL_LMS[family])
+    ids, mask = padded_batch(10)
+    if not padded:
+        mask = torch.ones_like(mask)
+    eager, ours = run_both(model, lambda m: m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
+                                                       do_sample=False, min_new_tokens=5))
+    assert torch.equal(eager, ours)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "glm4"])
+def test_training_gradients(family):
+    """Right padding: with left padding the shifted loss reads the logits of the last pad
+    position, which eager fills with a uniform average and tritium with 0."""
+    model = make(CAUSAL_LMS[family]).train()
+    ids, mask = padded_batch(12, left=False)
+    assert_grads_close(*run_both(model, lambda m: loss_grads(m, ids, mask)))
+
+
+def test_bert_generation_encoder_and_cross_attention():
+    """The encoder is bidirectional (right padding); the decoder attends causally to itself
+    and, through cross-attention, to the padded encoder states."""
+    encoder = BertGenerationEncoder(BertGenerationConfig(**BERT)).to(DEVICE).eval()
+    decoder = BertGenerationDecoder(BertGenerationConfig(**BERT, is_decoder=True, add_cross_attention=True))
+    decoder = decoder.to(DEVICE).eval()
+    src, src_mask = padded_batch(12, left=False)
+    tgt = torch.randint(3, 100, (2, 7), device=DEVICE)
+
+    def forward(_):
+        states = encoder(input_ids=src, attention_mask=src_mask).last_hidden_state
+        logits = decoder(input_ids=tgt, encoder_hidden_states=states, encoder_attention_mask=src_mask).logits
+        return states, logits
+
+    with torch.no_grad():
+        encoder.set_attn_implementation("eager")
+        decoder.set_attn_implementation("eager")
+        eager = forward(None)
+        encoder.set_attn_implementation("tritium")
+        decoder.set_attn_implementation("tritium")
+        ours = forward(None)
+    assert_logits_close(eager[0], ours[0], src_mask)
+    assert_logits_close(eager[1], ours[1])
+
+
+def test_bigbird_pegasus_seq2seq():
+    """Encoder ("original_full", padded) and decoder (self- and cross-attention): logits and
+    greedy generate."""
+    model = make(bigbird_pegasus)
+    src, src_mask = padded_batch(12, left=False)
+    tgt = torch.randint(3, 100, (2, 6), device=DEVICE)
+    with torch.no_grad():
+        eager, ours = run_both(model, lambda m: m(input_ids=src, attention_mask=src_mask,
+                                                  decoder_input_ids=tgt).logits)
+    assert_logits_close(eager, ours)
+    eager, ours = run_both(model, lambda m: m.generate(input_ids=src, attention_mask=src_mask, max_new_tokens=4,
+                                                       min_new_tokens=4, do_sample=False))
+    assert torch.equal(eager, ours)
+
+
+def test_mvp_is_refused_clearly():
+    """MvpAttention never calls the attention interface in transformers 5.23."""
+    model = MvpForConditionalGeneration._from_config(MvpConfig(**SEQ2SEQ), attn_implementation="tritium")
+    ids = torch.randint(3, 100, (1, 8), device=DEVICE)
+    with pytest.raises(ValueError, match="does not route attention"):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def test_refuses_attention_weights_4d_masks_and_dropout():
+    model = make(glm4)
+    model.set_attn_implementation("tritium")
+    ids = torch.randint(3, 100, (1, 8), device=DEVICE)
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(input_ids=ids, output_attentions=True)
+    with pytest.raises(ValueError, match="4-D"):  # a caller's 4-D mask could hold any pattern
+        model(input_ids=ids, attention_mask=torch.zeros(1, 1, 8, 8, device=DEVICE))
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        model.train()(input_ids=ids)
+
+
+def test_static_cache_is_refused_clearly():
+    model = make(glm4)
+    model.set_attn_implementation("tritium")
+    ids = torch.randint(3, 100, (1, 8), device=DEVICE)
+    with pytest.raises(ValueError, match="static caches"):
+        model.generate(input_ids=ids, max_new_tokens=2, cache_implementation="static")
+
+
+def test_packed_sequences_are_refused_clearly():
+    model = make(glm4)
+    model.set_attn_implementation("tritium")
+    ids = torch.randint(3, 100, (1, 8), device=DEVICE)
+    positions = torch.arange(4, device=DEVICE).repeat(2)[None]  # two sequences of 4 in one row
+    with pytest.raises(ValueError, match="packed"):
+        model(input_ids=ids, position_ids=positions, use_cache=False)
+
+
+def test_register_twice_and_from_config():
+    tritium.hf.register()
+    tritium.hf.register()
+    model = Glm4ForCausalLM._from_config(Glm4Config(**DECODER), attn_implementation="tritium")
+    assert model.config._attn_implementation == "tritium"
+
+
+def mvp():
+    return MvpForConditionalGeneration(MvpConfig(**SEQ2SEQ))
+
+
+def bert_encoder():
+    return BertGenerationEncoder(BertGenerationConfig(**BERT))
+
+
+def seq2seq_inputs():
+    src, src_mask = padded_batch(12, left=False)
+    return dict(input_ids=src, attention_mask=src_mask, decoder_input_ids=torch.randint(3, 100, (2, 6), device=DEVICE))
+
+
+APPLY_CASES = {  # family: (factory, inputs, attribute holding the output)
+    "gemma2": (gemma2, lambda: dict(zip(("input_ids", "attention_mask"), padded_batch())), "logits"),
+    "glm4": (glm4, lambda: dict(zip(("input_ids", "attention_mask"), padded_batch())), "logits"),
+    "mvp": (mvp, seq2seq_inputs, "logits"),
+    "bigbird_pegasus": (bigbird_pegasus, seq2seq_inputs, "logits"),
+    "bert_generation": (bert_encoder, lambda: dict(zip(("input_ids", "attention_mask"),
+                                                       padded_batch(left=False))), "last_hidden_state"),
+}
+
+
+@pytest.mark.parametrize("family", APPLY_CASES)
+def test_apply_matches_eager_and_revert_restores(family):
+    factory, inputs, output = APPLY_CASES[family]
+    model = make(factory)
+    model.set_attn_implementation("eager")
+    kwargs = inputs()
+    valid = kwargs["attention_mask"] if output != "logits" or family in CAUSAL_LMS else None
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        eager = getattr(model(**kwargs), output)
+        tritium.hf.apply(model)
+        assert state.keys() == model.state_dict().keys()
+        assert any("forward" in m.__dict__ for m in model.modules())
+        ours = getattr(model(**kwargs), output)
+        tritium.hf.revert(model)
+        restored = getattr(model(**kwargs), output)
+    assert_logits_close(eager, ours, valid)
+    assert torch.equal(restored, eager)
+    assert model.config._attn_implementation == "eager"
+    assert dict(model.named_modules()) == modules
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, state[name]), name
+
+
+@pytest.mark.parametrize("family", ["glm4", "mvp"])
+def test_apply_training_gradients(family):
+    model = make(APPLY_CASES[family][0]).train()
+    model.set_attn_implementation("eager")
+    ids, mask = padded_batch(12, left=False)
+    eager = loss_grads(model, ids, mask)
+    assert_grads_close(eager, loss_grads(tritium.hf.apply(model), ids, mask))
+
+
+def test_apply_under_torch_compile_fullgraph():
+    """The patched Gemma 2 (tritium attention, norms, MLP) traces into one graph: the
+    kernels are torch.library custom ops and the patches are plain Python."""
+    model = make(gemma2)
+    model.set_attn_implementation("eager")
+    ids = torch.randint(3, 100, (2, 14), device=DEVICE)
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        ours = torch.compile(tritium.hf.apply(model), fullgraph=True)(input_ids=ids).logits
+    assert_logits_close(eager, ours)
+
+
+@pytest.mark.parametrize("family", ["mvp", "bigbird_pegasus"])
+def test_apply_seq2seq_generate(family):
+    """Patched encoder attention, decoder self-attention with its KV cache and cross-attention
+    reusing the cached encoder keys: greedy tokens as eager's."""
+    model = make(APPLY_CASES[family][0])
+    model.set_attn_implementation("eager")
+    kwargs = seq2seq_inputs()
+    del kwargs["decoder_input_ids"]
+    options = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    eager = model.generate(**kwargs, **options)
+    ours = tritium.hf.apply(model).generate(**kwargs, **options)
+    assert torch.equal(eager, ours)

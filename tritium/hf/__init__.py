@@ -1,0 +1,50 @@
+"""Hugging Face transformers integration. `import tritium.hf` registers
+attn_implementation="tritium":
+
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="tritium")
+
+and offers opt-in patching of a loaded model's norms and MLPs with tritium's kernels:
+
+    tritium.hf.apply(model)    # or apply_tritium_to_gemma2(model, norms=True, mlp=False)
+    tritium.hf.revert(model)
+"""
+
+from __future__ import annotations
+
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from tritium.hf.attention import NAME, tritium_attention, tritium_mask
+from tritium.hf.patch import (
+    MODEL_TYPE_TO_APPLY,
+    apply,
+    apply_tritium_to_bert_generation,
+    apply_tritium_to_bigbird_pegasus,
+    apply_tritium_to_gemma2,
+    apply_tritium_to_glm4,
+    apply_tritium_to_mvp,
+    revert,
+)
+
+__all__ = [
+    "MODEL_TYPE_TO_APPLY",
+    "NAME",
+    "apply",
+    "apply_tritium_to_bert_generation",
+    "apply_tritium_to_bigbird_pegasus",
+    "apply_tritium_to_gemma2",
+    "apply_tritium_to_glm4",
+    "apply_tritium_to_mvp",
+    "register",
+    "revert",
+]
+
+
+def register() -> None:
+    """Register "tritium" in transformers' AttentionInterface and AttentionMaskInterface
+    (global mappings, so every model sees it). Idempotent."""
+    AttentionInterface.register(NAME, tritium_attention)
+    AttentionMaskInterface.register(NAME, tritium_mask)
+
+
+register()

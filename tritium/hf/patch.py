@@ -1,0 +1,251 @@
+"""Opt-in patching of a loaded transformers model with tritium's kernels: norms, MLPs, and
+the attention modules that bypass transformers' AttentionInterface (MVP's, BigBird-Pegasus'
+"original_full" encoder); the rest of the attention goes through attn_implementation.
+
+A patch replaces a module's `forward` by an instance attribute (or swaps a parameterless
+activation module for nn.Identity when its activation moves into a GEMM epilogue). The
+parameters, their names and their tensors are never touched, so checkpoints, optimizers
+and state_dict see the same model, and `revert` restores it exactly by undoing the
+recorded attribute changes.
+"""
+
+from __future__ import annotations
+
+import weakref
+from functools import partial
+
+from torch import nn
+
+from tritium.hf.attention import NAME, tritium_attention
+from tritium.kernels.mlp import gated_mlp, linear
+from tritium.kernels.norm import layer_norm, rms_norm
+from tritium.models.mlp import activation_from_hf
+
+_ABSENT = object()
+# model -> [(object, attribute, previous value or _ABSENT)], in patch order.
+_PATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _set(model: nn.Module, obj, attr: str, value) -> None:
+    """setattr, remembering what to restore. An instance `forward` shadows the class's."""
+    previous = obj.__dict__.get(attr, _ABSENT) if attr == "forward" else getattr(obj, attr)
+    _PATCHES.setdefault(model, []).append((obj, attr, previous))
+    setattr(obj, attr, value)
+
+
+def revert(model: nn.Module) -> None:
+    """Undo every patch `apply` made to model (attention implementation included)."""
+    for obj, attr, previous in reversed(_PATCHES.pop(model, [])):
+        if attr == "attn_implementation":
+            obj.set_attn_implementation(previous)
+        elif previous is _ABSENT:
+            delattr(obj, attr)
+        else:
+            setattr(obj, attr, previous)
+
+
+def _patch_attention(model: nn.Module) -> None:
+    _PATCHES.setdefault(model, []).append((model, "attn_implementation", model.config._attn_implementation))
+    model.set_attn_implementation(NAME)
+
+
+# Patched forwards: module first (bound with partial), then what the original took.
+
+def _gemma_rms_norm(module, x):
+    return rms_norm(x, module.weight, module.eps, offset=1.0)  # (1 + w), multiplied in float32
+
+
+def _llama_rms_norm(module, x):
+    return rms_norm(x, module.weight, module.variance_epsilon)  # cast to x's dtype, then * w
+
+
+def _layer_norm(module, x):
+    return layer_norm(x, module.weight, module.bias, module.eps)
+
+
+def _linear(module, activation, x):
+    return linear(x, module.weight, module.bias, activation)
+
+
+def _fused_gate_up_mlp(module, activation, x):
+    return gated_mlp(x, module.gate_up_proj.weight, module.down_proj.weight, activation)
+
+
+def _split_gate_up_mlp(module, activation, x):
+    # Gemma 2 keeps gate_proj and up_proj apart: stacking them for gated_mlp would copy both
+    # weights every call, so the activation goes into the gate GEMM's epilogue instead.
+    h = linear(x, module.gate_proj.weight, None, activation) * linear(x, module.up_proj.weight)
+    return linear(h, module.down_proj.weight)
+
+
+def _key_padding(additive_mask):
+    """(batch, kv) bool from eager's additive (batch, 1, q, kv) mask. Its last query row sees
+    every key but the padded ones, causal or not (the query is the newest token)."""
+    return None if additive_mask is None else additive_mask[:, 0, -1, :] == 0
+
+
+def _bigbird_full_self_attention(module, hidden_states, attention_mask=None, **kwargs):
+    # BigBirdPegasusSelfAttention (the encoder's "original_full"), which computes scores
+    # itself instead of calling the attention interface. Bidirectional.
+    shape = (*hidden_states.shape[:-1], -1, module.attention_head_size)
+    q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (module.query, module.key, module.value))
+    out, _ = tritium_attention(module, q, k, v, _key_padding(attention_mask), is_causal=False,
+                               dropout=module.dropout.p if module.training else 0.0, **kwargs)
+    return out.reshape(*hidden_states.shape[:-1], -1), None
+
+
+def _mvp_attention(module, causal, hidden_states, key_value_states=None, past_key_values=None, attention_mask=None,
+                   attn_prompt=None, output_attentions=False, **kwargs):
+    # MvpAttention, which computes scores itself; causality comes from its mask in eager,
+    # from the decoder self-attention's `causal` here. Cache handling as MvpAttention's.
+    from transformers.cache_utils import EncoderDecoderCache
+
+    if attn_prompt is not None:
+        raise ValueError(f"{NAME}: MVP's prompt tokens (config.use_prompt) are not supported")
+    batch, seqlen, _ = hidden_states.shape
+    is_cross = key_value_states is not None
+    cache, reuse = past_key_values, False
+    if isinstance(cache, EncoderDecoderCache):
+        reuse = is_cross and bool(cache.is_updated.get(module.layer_idx))
+        cache = cache.cross_attention_cache if is_cross else cache.self_attention_cache
+    if reuse:
+        k, v = cache.layers[module.layer_idx].keys, cache.layers[module.layer_idx].values
+    else:
+        states = key_value_states if is_cross else hidden_states
+        k, v = (proj(states).view(batch, -1, module.num_heads, module.head_dim).transpose(1, 2)
+                for proj in (module.k_proj, module.v_proj))
+        if cache is not None:
+            k, v = cache.update(k, v, module.layer_idx)
+            if is_cross and isinstance(past_key_values, EncoderDecoderCache):
+                past_key_values.is_updated[module.layer_idx] = True
+    q = module.q_proj(hidden_states).view(batch, seqlen, module.num_heads, module.head_dim).transpose(1, 2)
+    out, _ = tritium_attention(module, q, k, v, _key_padding(attention_mask), is_causal=causal,
+                               scaling=module.scaling, output_attentions=output_attentions,
+                               dropout=module.dropout if module.training else 0.0)
+    return module.out_proj(out.reshape(batch, seqlen, module.embed_dim)), None
+
+
+def _patch_layer_norms(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is nn.LayerNorm and len(module.normalized_shape) == 1 and module.elementwise_affine:
+            _set(model, module, "forward", partial(_layer_norm, module))
+
+
+def _patch_fc_activation(model: nn.Module, owner_type: type, linear_attr: str, act_attr: str, hf_name: str) -> None:
+    """act(fc(x)) -> fc with the activation in its epilogue, the activation module replaced
+    by nn.Identity (BART-style layers: fc1 + activation_fn; BERT: dense + intermediate_act_fn)."""
+    activation = activation_from_hf(hf_name)
+    for module in model.modules():
+        if isinstance(module, owner_type):
+            fc = getattr(module, linear_attr)
+            _set(model, fc, "forward", partial(_linear, fc, activation))
+            _set(model, module, act_attr, nn.Identity())
+
+
+def _patch_forwards(model: nn.Module, module_type: type, forward, *args) -> None:
+    for module in model.modules():
+        if isinstance(module, module_type):
+            _set(model, module, "forward", partial(forward, module, *args))
+
+
+def apply_tritium_to_gemma2(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True):
+    """Gemma 2: attn_implementation="tritium", Gemma2RMSNorm, Gemma2MLP (GeGLU)."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2MLP, Gemma2RMSNorm
+
+    if attention:
+        _patch_attention(model)
+    if norms:
+        _patch_forwards(model, Gemma2RMSNorm, _gemma_rms_norm)
+    if mlp:
+        _patch_forwards(model, Gemma2MLP, _split_gate_up_mlp, activation_from_hf(model.config.hidden_activation))
+    return model
+
+
+def apply_tritium_to_glm4(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True):
+    """GLM-4: attn_implementation="tritium", Glm4RMSNorm, Glm4MLP (SwiGLU, gate_up_proj)."""
+    from transformers.models.glm4.modeling_glm4 import Glm4MLP, Glm4RMSNorm
+
+    if attention:
+        _patch_attention(model)
+    if norms:
+        _patch_forwards(model, Glm4RMSNorm, _llama_rms_norm)
+    if mlp:
+        _patch_forwards(model, Glm4MLP, _fused_gate_up_mlp, activation_from_hf(model.config.hidden_act))
+    return model
+
+
+def apply_tritium_to_mvp(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True):
+    """MVP: every MvpAttention (encoder, decoder self- and cross-attention; they never call
+    the attention interface, so attn_implementation stays as it is and keeps making
+    eager's masks), LayerNorms, fc1 + activation."""
+    from transformers.models.mvp.modeling_mvp import MvpDecoderLayer, MvpEncoderLayer
+
+    if attention:
+        for module in model.modules():
+            if isinstance(module, (MvpEncoderLayer, MvpDecoderLayer)):
+                causal = isinstance(module, MvpDecoderLayer)
+                _set(model, module.self_attn, "forward", partial(_mvp_attention, module.self_attn, causal))
+                if causal:
+                    _set(model, module.encoder_attn, "forward", partial(_mvp_attention, module.encoder_attn, False))
+    if norms:
+        _patch_layer_norms(model)
+    if mlp:
+        for layer_type in (MvpEncoderLayer, MvpDecoderLayer):
+            _patch_fc_activation(model, layer_type, "fc1", "activation_fn", model.config.activation_function)
+    return model
+
+
+def apply_tritium_to_bigbird_pegasus(model: nn.Module, *, attention: bool = True, norms: bool = True,
+                                     mlp: bool = True):
+    """BigBird-Pegasus: attn_implementation="tritium" (decoder self- and cross-attention) and
+    the encoder's "original_full" self-attention (its "block_sparse" one is kept), LayerNorms,
+    fc1 + activation."""
+    from transformers.models.bigbird_pegasus.modeling_bigbird_pegasus import (
+        BigBirdPegasusDecoderLayer,
+        BigBirdPegasusEncoderLayer,
+        BigBirdPegasusSelfAttention,
+    )
+
+    if attention:
+        _patch_attention(model)
+        _patch_forwards(model, BigBirdPegasusSelfAttention, _bigbird_full_self_attention)
+    if norms:
+        _patch_layer_norms(model)
+    if mlp:
+        for layer_type in (BigBirdPegasusEncoderLayer, BigBirdPegasusDecoderLayer):
+            _patch_fc_activation(model, layer_type, "fc1", "activation_fn", model.config.activation_function)
+    return model
+
+
+def apply_tritium_to_bert_generation(model: nn.Module, *, attention: bool = True, norms: bool = True,
+                                     mlp: bool = True):
+    """BertGeneration: attn_implementation="tritium", LayerNorms, intermediate.dense + act."""
+    from transformers.models.bert_generation.modeling_bert_generation import BertGenerationIntermediate
+
+    if attention:
+        _patch_attention(model)
+    if norms:
+        _patch_layer_norms(model)
+    if mlp:
+        _patch_fc_activation(model, BertGenerationIntermediate, "dense", "intermediate_act_fn", model.config.hidden_act)
+    return model
+
+
+MODEL_TYPE_TO_APPLY = {
+    "gemma2": apply_tritium_to_gemma2,
+    "glm4": apply_tritium_to_glm4,
+    "mvp": apply_tritium_to_mvp,
+    "bigbird_pegasus": apply_tritium_to_bigbird_pegasus,
+    "bert-generation": apply_tritium_to_bert_generation,
+}
+
+
+def apply(model: nn.Module, **options) -> nn.Module:
+    """Patch model with its family's `apply_tritium_to_<family>(model, **options)`
+    (options: attention, norms, mlp). Patches stack; `revert` undoes them all."""
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY:
+        raise ValueError(f"apply: model_type {model_type!r} has no tritium patches; supported: "
+                         f"{sorted(MODEL_TYPE_TO_APPLY)}")
+    return MODEL_TYPE_TO_APPLY[model_type](model, **options)
+
