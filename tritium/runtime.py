@@ -7,9 +7,19 @@ importing triton when no GPU is present).
 
 import os
 
+import torch
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def interpreted() -> bool:
     """True when kernels run under the Triton interpreter (CPU tensors, slow, for testing)."""
     return INTERPRETED
+
+
+def capturing() -> bool:
+    """True inside CUDA-graph capture or torch.compile tracing, where a host sync (reading a
+    tensor's values) or a tuning run (dozens of launches) must not happen."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

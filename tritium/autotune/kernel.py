@@ -18,12 +18,10 @@ import os
 from collections import Counter
 from typing import Callable, Iterator
 
-import torch
-
 from tritium.autotune import store, tuner
 from tritium.autotune.config import Config
 from tritium.autotune.device import Sku, current_sku
-from tritium.runtime import interpreted
+from tritium.runtime import capturing, interpreted
 
 KERNELS: dict[str, "Kernel"] = {}
 STATS: Counter = Counter()  # (kernel, source) -> resolutions, source in cache/table/tuned/default
@@ -108,7 +106,7 @@ class Kernel:
                     STATS[self.name, source] += 1
                     return config
         default = self.default(**bucket)
-        if sku is not None and launch is not None and _TUNING["enabled"] and not _capturing():
+        if sku is not None and launch is not None and _TUNING["enabled"] and not capturing():
             result = tuner.search(self.candidates(bucket), launch, default, _TUNING["timer"])
             self._save(sku, name, result)
             STATS[self.name, "tuned"] += 1
@@ -197,13 +195,6 @@ def reset() -> None:
         kernel._memo.clear()
         kernel.memo_hits = 0
     active_sku.cache_clear()
-
-
-def _capturing() -> bool:
-    # Tuning launches dozens of kernels: never inside a CUDA graph or a compile trace.
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import triton.language as tl
 from tritium.kernels.attention import check_attention_args, forward_config, launch_forward
 from tritium.kernels.online_softmax import head_block
 from tritium.kernels.validation import check_dim, check_like, check_tensor
-from tritium.runtime import interpreted
+from tritium.runtime import capturing, interpreted
 
 MAX_SPLITS = 64
 
@@ -188,7 +188,7 @@ def _check_cache_args(q, k_cache, cache_seqlens, k, v) -> torch.Tensor:
     check_dim("cache_seqlens", cache_seqlens, 0, batch, "batch")
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens: device {cache_seqlens.device} differs from q's {q.device}")
-    if not _in_capture():
+    if not capturing():
         # A data-dependent check needs the values on the host: done whenever a sync is
         # allowed. Under capture the kernels still never write or read past max_seqlen.
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
@@ -198,12 +198,6 @@ def _check_cache_args(q, k_cache, cache_seqlens, k, v) -> torch.Tensor:
                 f"max_seqlen {max_seqlen} (expected 0 <= cache_seqlens <= {max_seqlen - seqlen_new})"
             )
     return cache_seqlens
-
-
-def _in_capture() -> bool:
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def flash_attention_with_kvcache(

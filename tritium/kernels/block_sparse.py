@@ -31,6 +31,7 @@ from tritium.kernels.online_softmax import (
     head_block,
 )
 from tritium.kernels.validation import check_tensor
+from tritium.runtime import capturing
 
 MASK_PENALTY = -10000.0  # transformers' attn_mask_penalty, added to masked keys' scores
 LOG2E = 1.4426950408889634
@@ -362,7 +363,7 @@ _CHECKED: set[tuple] = set()  # layouts whose indices were read once already (no
 def _check_indices(rand_attn: torch.Tensor, num_blocks: int) -> None:
     """Indices in [0, num_blocks): read on the host once per layout tensor and version (a
     layout is reused by every layer and step), never where a sync is not allowed."""
-    if not rand_attn.numel() or _capturing():
+    if not rand_attn.numel() or capturing():
         return
     identity = (rand_attn.data_ptr(), rand_attn._version, tuple(rand_attn.shape), num_blocks)
     if identity in _CHECKED:
@@ -373,13 +374,6 @@ def _check_indices(rand_attn: torch.Tensor, num_blocks: int) -> None:
     if len(_CHECKED) > 256:
         _CHECKED.clear()
     _CHECKED.add(identity)
-
-
-def _capturing() -> bool:
-    # The index range check reads values on the host: skipped where a sync is not allowed.
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _launch_args(q, k, key_padding_mask, lists):

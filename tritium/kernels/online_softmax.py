@@ -104,7 +104,3 @@ def window_reach(window: int, unbounded: int) -> int:
 def head_block(head_dim: int) -> int:
     """BLOCK_D: head_dim padded to a power of two (tl.dot needs >= 16)."""
     return max(triton.next_power_of_2(head_dim), 16)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
