@@ -10,7 +10,6 @@ The backward pass lives in `attention_backward.py`, the KV-cache op in
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -31,7 +30,7 @@ from tritium.kernels.online_softmax import (
     score_scales,
     window_reach,
 )
-from tritium.kernels.validation import check_dim, check_like, check_tensor
+from tritium.kernels.validation import check_dim, check_float, check_like, check_tensor
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
@@ -204,12 +203,11 @@ def check_attention_args(
         if right > 0:
             raise ValueError(f"window_size: causal=True needs a right window of 0 or -1, got {window_size}")
         right = 0
-    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
-        raise ValueError(f"softcap: expected a finite float >= 0 (0 = off), got {softcap!r}")
+    check_float("softcap", softcap, minimum=0.0, note=" (0 = off)")
     if softmax_scale is None:
         softmax_scale = head_dim**-0.5
-    elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale) or softmax_scale <= 0:
-        raise ValueError(f"softmax_scale: expected a finite float > 0 or None, got {softmax_scale!r}")
+    else:
+        check_float("softmax_scale", softmax_scale, minimum=0.0, strict=True, note=" or None")
     return left, right, float(softmax_scale)
 
 

@@ -18,7 +18,6 @@ is summed afterwards: deterministic, no atomics.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
@@ -27,7 +26,7 @@ import triton.language as tl
 
 from tritium import autotune
 from tritium.kernels.online_softmax import _load_rows
-from tritium.kernels.validation import check_device, check_dim, check_like, check_tensor
+from tritium.kernels.validation import check_device, check_dim, check_float, check_like, check_tensor
 
 MAX_HIDDEN = 65536  # one row lives in registers: BLOCK_N floats spread over the warps
 
@@ -374,13 +373,7 @@ def _check_norm_args(x, weight, bias, residual, eps) -> None:
         check_like("residual", residual, "x", x)
         if residual.shape != x.shape:
             raise ValueError(f"residual: shape {tuple(residual.shape)} must equal x's {tuple(x.shape)}")
-    _check_float("eps", eps, minimum=0.0)
-
-
-def _check_float(name: str, value, minimum: float = -math.inf) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
-        bound = f" >= {minimum}" if minimum > -math.inf else ""
-        raise ValueError(f"{name}: expected a finite float{bound}, got {value!r}")
+    check_float("eps", eps, minimum=0.0)
 
 
 def rms_norm(
@@ -405,7 +398,7 @@ def rms_norm(
     Differentiable w.r.t. x, residual and weight (gradients of both outputs).
     """
     _check_norm_args(x, weight, None, residual, eps)
-    _check_float("offset", offset)
+    check_float("offset", offset)
     if multiply_in_float32 is None:
         multiply_in_float32 = offset != 0
     elif not isinstance(multiply_in_float32, bool):

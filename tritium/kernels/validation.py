@@ -4,6 +4,8 @@ user sees for bad input."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tritium.runtime import interpreted
@@ -52,3 +54,11 @@ def check_dim(name: str, x: torch.Tensor, dim: int, expected: int, what: str) ->
         raise ValueError(
             f"{name}: expected {what} = {expected} at dim {dim}, got shape {tuple(x.shape)}"
         )
+
+
+def check_float(name: str, value, *, minimum: float = -math.inf, strict: bool = False, note: str = "") -> None:
+    """value must be a finite real number >= minimum (> minimum when strict)."""
+    real = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not real or value < minimum or (strict and value == minimum):
+        bound = f" {'>' if strict else '>='} {minimum:g}" if minimum > -math.inf else ""
+        raise ValueError(f"{name}: expected a finite float{bound}{note}, got {value!r}")
