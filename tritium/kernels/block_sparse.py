@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from tritium import autotune
-from tritium.kernels.attention import check_attention_args
+from tritium.kernels.attention import check_attention_args, check_key_padding_mask
 from tritium.kernels.attention_backward import _bwd_delta_kernel
 from tritium.kernels.online_softmax import (
     _load_rows,
@@ -322,11 +322,7 @@ def _check_layout_args(q, k, block_size, num_random_blocks, rand_attn, key_paddi
     num_blocks = seqlen // block_size
     if rand_attn is not None:
         _check_rand_attn(rand_attn, (heads, num_blocks - 2, num_random_blocks), q.device)
-    if key_padding_mask is not None:
-        check_tensor("key_padding_mask", key_padding_mask, shape="(batch, seqlen)", ndim=2, dtypes=(torch.bool,))
-        if tuple(key_padding_mask.shape) != (batch, seqlen):
-            raise ValueError(f"key_padding_mask: expected shape (batch, seqlen) = {(batch, seqlen)}, "
-                             f"got {tuple(key_padding_mask.shape)}")
+    check_key_padding_mask(key_padding_mask, batch, seqlen, q)
 
 
 _EVAL_LISTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
