@@ -15,12 +15,14 @@ import re
 import subprocess
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tritium.kernels import attention, block_sparse
 from tritium.kernels import attention_backward as backward
+from tritium.kernels import attention_tuning as tuning
 
 SCALARS_I32 = {"seqlen_q", "seqlen_k", "window_left", "window_right", "split_len", "heads_q", "heads_kv", "group",
                "heads", "seqlen_new", "max_seqlen", "num_splits"}
@@ -65,25 +67,32 @@ def report(fn, constants: dict, warps: int, stages: int, label: str, arch: int, 
     kernel = triton.compile(ASTSource(fn, _signature(fn, constants, dtype), constants),
                             target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
     regs, stack = _resource_usage(kernel)
-    return f"{label:48s} registers {regs:>4}  stack {stack:>5} B  shared {kernel.metadata.shared:>6} B"
+    return f"{label:90s} registers {regs:>4}  stack {stack:>5} B  shared {kernel.metadata.shared:>6} B"
+
+
+def _defaults(head_dim: int, softcap: bool) -> tuple:
+    """The heuristic default configs of the three attention kernels for a bf16 causal 4k problem."""
+    bucket = tuning.attention_bucket(head_dim=head_dim, dtype=torch.bfloat16, seqlen_q=4096, seqlen_k=4096,
+                                     window_left=-1, window_right=0, softcap=50.0 if softcap else 0.0, group=1)
+    return tuning.fwd_default(**bucket), tuning.dq_default(**bucket), tuning.dkdv_default(**bucket)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)
     arch = parser.parse_args().arch
-    print(f"triton {triton.__version__}, sm_{arch}")
-    for head_dim, (bm, bn, warps, stages) in ((64, (128, 64, 8, 3)), (128, (128, 64, 8, 3)), (256, (64, 32, 8, 2))):
+    print(f"triton {triton.__version__}, sm_{arch}, the heuristic default config of each kernel")
+    kernels = (("fwd", attention._attn_fwd_kernel), ("bwd dq", backward._attn_bwd_dq_kernel),
+               ("bwd dkdv", backward._attn_bwd_dkdv_kernel))
+    for head_dim in (64, 128, 256):
         for softcap in (False, True):
-            constants = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=bm, BLOCK_N=bn, PACK=1, SOFTCAP=softcap,
-                             HAS_KEY_MASK=False, HAS_SEQLENS=False, PRECISION="tf32")
-            print(report(attention._attn_fwd_kernel, constants, warps, stages,
-                         f"attention fwd d{head_dim} softcap={softcap}", arch))
-    for head_dim, (bm, bn, warps, stages) in ((64, (32, 128, 8, 2)), (128, (64, 64, 8, 1)), (256, (32, 32, 8, 1))):
-        constants = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=bm, BLOCK_N=bn, SOFTCAP=False,
-                         HAS_KEY_MASK=False, PRECISION="tf32")
-        print(report(backward._attn_bwd_dq_kernel, constants, warps, stages, f"attention bwd dq d{head_dim}", arch))
-        print(report(backward._attn_bwd_dkdv_kernel, constants, warps, stages, f"attention bwd dkdv d{head_dim}", arch))
+            for (name, fn), config in zip(kernels, _defaults(head_dim, softcap)):
+                constants = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, SOFTCAP=softcap, HAS_KEY_MASK=False,
+                                 PRECISION="tf32", **config.meta)
+                if name == "fwd":
+                    constants.update(PACK=1, HAS_SEQLENS=False)
+                print(report(fn, constants, config.num_warps, config.num_stages,
+                             f"attention {name} d{head_dim} softcap={softcap} [{config}]", arch))
     constants = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK=64, HAS_KEY_MASK=True, PRECISION="tf32")
     print(report(block_sparse._bs_fwd_kernel, constants, 4, 2, "block-sparse fwd b64 d64", arch))
     print(report(block_sparse._bs_bwd_dq_kernel, constants, 4, 2, "block-sparse bwd dq b64 d64", arch))

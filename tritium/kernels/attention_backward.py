@@ -225,12 +225,12 @@ def _attn_bwd_dkdv_kernel(
 
 DELTA_BLOCK_M = 32
 ATTENTION_BWD_DQ = autotune.Kernel(
-    "attention_bwd_dq", space=tuning.BWD_SPACE, key=tuning.attention_bucket, default=tuning.bwd_default,
+    "attention_bwd_dq", space=tuning.BWD_SPACE, key=tuning.attention_bucket, default=tuning.dq_default,
     interpreter=tuning.INTERPRETER, prune=tuning.bwd_fits,
     sources=(_attn_bwd_dq_kernel, _bwd_dq_blocks, _span, _visible, _logits, _lse_log2, tanh),
 )
 ATTENTION_BWD_DKDV = autotune.Kernel(
-    "attention_bwd_dkdv", space=tuning.BWD_SPACE, key=tuning.attention_bucket, default=tuning.bwd_default,
+    "attention_bwd_dkdv", space=tuning.BWD_SPACE, key=tuning.attention_bucket, default=tuning.dkdv_default,
     interpreter=tuning.INTERPRETER, prune=tuning.bwd_fits,
     sources=(_attn_bwd_dkdv_kernel, _bwd_dkdv_blocks, _span, _visible, _logits, _lse_log2, tanh),
 )

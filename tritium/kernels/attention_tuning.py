@@ -78,13 +78,22 @@ def fwd_default(*, head_dim: int, dtype: str, pack: int, **_) -> Config:
     return Config({"BLOCK_M": 64, "BLOCK_N": 16 if wide else 32}, num_warps=8, num_stages=2)
 
 
-def bwd_default(*, head_dim: int, dtype: str, **_) -> Config:
-    """Heuristic backward tiles, shared by the dQ and the dK/dV kernels."""
-    wide = dtype == "float32"
-    # 32 x 128 tiles compile without spills at head_dim 64; at 128 every shape spills some,
-    # one stage the least (Triton 3.6, sm_90, ptxas).
+def dq_default(*, head_dim: int, dtype: str, **_) -> Config:
+    """Heuristic dQ tiles (BLOCK_M queries per program, BLOCK_N keys per step): the shapes
+    `python -m benchmarks.compile_check` finds free of register spills on Triton 3.6, sm_90."""
+    if dtype == "float32":
+        return Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
     if head_dim <= 64:
-        return Config({"BLOCK_M": 32, "BLOCK_N": 64 if wide else 128}, num_warps=8, num_stages=2)
+        return Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2)
     if head_dim <= 128:
-        return Config({"BLOCK_M": 32 if wide else 64, "BLOCK_N": 64}, num_warps=8, num_stages=1)
-    return Config({"BLOCK_M": 16 if wide else 32, "BLOCK_N": 32}, num_warps=8, num_stages=1)
+        return Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=1)
+    return Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+
+
+def dkdv_default(*, head_dim: int, dtype: str, **_) -> Config:
+    """Heuristic dK/dV tiles (BLOCK_N keys per program, BLOCK_M queries per step): the dK
+    and dV accumulators stay in registers, so the key tile is small; spill-free on Triton
+    3.6, sm_90, up to head_dim 128."""
+    if dtype == "float32":
+        return Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+    return Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1)
