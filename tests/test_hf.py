@@ -300,3 +300,96 @@ def test_apply_seq2seq_generate(family):
     eager = model.generate(**kwargs, **options)
     ours = tritium.hf.apply(model).generate(**kwargs, **options)
     assert torch.equal(eager, ours)
+
+
+def bigbird_block_sparse():
+    """128 encoder tokens: the shortest the block-sparse layout takes with block_size 16
+    and one random block (transformers falls back to full attention up to 112)."""
+    config = BigBirdPegasusConfig(**dict(SEQ2SEQ, max_position_embeddings=128), attention_type="block_sparse",
+                                  block_size=16, num_random_blocks=1)
+    return BigBirdPegasusForConditionalGeneration(config)
+
+
+def block_sparse_inputs():
+    """The second row padded from token 90: two whole key blocks and part of a third."""
+    ids = torch.randint(3, 100, (2, 128), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, 90:] = ids[1, 90:] = 0
+    return dict(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.randint(3, 100, (2, 6), device=DEVICE))
+
+
+def test_apply_bigbird_block_sparse_encoder():
+    """The encoder's BigBirdPegasusBlockSparseAttention through tritium.block_sparse_attention
+    (eval layout): encoder states and logits as eager's; revert restores exactly."""
+    model = make(bigbird_block_sparse)
+    model.set_attn_implementation("eager")
+    kwargs = block_sparse_inputs()
+    with torch.no_grad():
+        eager = model(**kwargs)
+        ours = tritium.hf.apply(model)(**kwargs)
+        tritium.hf.revert(model)
+        restored = model(**kwargs)
+    assert model.model.encoder.attention_type == "block_sparse"
+    assert_logits_close(eager.encoder_last_hidden_state, ours.encoder_last_hidden_state, kwargs["attention_mask"])
+    assert_logits_close(eager.logits, ours.logits)
+    assert torch.equal(restored.logits, eager.logits)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_apply_bigbird_block_sparse_training_gradients():
+    """Training draws transformers' own seeded random layout: gradients as eager's."""
+    model = make(bigbird_block_sparse).train()
+    model.set_attn_implementation("eager")
+    kwargs = block_sparse_inputs()
+
+    def grads(m):
+        m.zero_grad()
+        m(**kwargs).logits.square().mean().backward()
+        return {name: p.grad.clone() for name, p in m.named_parameters() if p.grad is not None}
+
+    eager = grads(model)
+    assert_grads_close(eager, grads(tritium.hf.apply(model)))
+
+
+def quantized_glm4(tmp_path, quant_type="nf4"):
+    """A tiny GLM-4 whose Linear layers transformers converted to bitsandbytes Linear4bit
+    (double quantization; lm_head stays dense). Sizes are multiples of the block size (see
+    tests/test_nf4.py: bitsandbytes' CPU kernel is wrong otherwise)."""
+    from transformers import BitsAndBytesConfig
+
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")  # transformers' bitsandbytes integration needs it
+    glm4().save_pretrained(tmp_path / "dense")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    return Glm4ForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=quantization,
+                                           attn_implementation="eager").to(DEVICE).eval()
+
+
+def test_apply_nf4_matches_bitsandbytes_and_revert_restores(tmp_path):
+    model = quantized_glm4(tmp_path)
+    ids, mask = padded_batch()
+    # With gradients enabled: bitsandbytes' first no-grad CPU forward repacks its weights
+    # into another layout, which the reference must not do here.
+    reference = model(input_ids=ids, attention_mask=mask).logits.detach()
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    with torch.no_grad():
+        ours = tritium.hf.apply(model, nf4=True)(input_ids=ids, attention_mask=mask).logits
+    four_bit = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(four_bit) == 2 * 6 and all("forward" in m.__dict__ for m in four_bit)  # q k v o gate_up down
+    tritium.hf.revert(model)
+    restored = model(input_ids=ids, attention_mask=mask).logits
+    assert_logits_close(reference, ours, mask)
+    assert torch.equal(restored, reference)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, state[name]), name
+
+
+def test_apply_nf4_refuses_fp4(tmp_path):
+    """Refused before anything is patched."""
+    model = quantized_glm4(tmp_path, quant_type="fp4")
+    with pytest.raises(ValueError, match="'fp4' is not supported"):
+        tritium.hf.apply(model, nf4=True)
+    assert model.config._attn_implementation == "eager"
+    assert all("forward" not in m.__dict__ for m in model.modules())

@@ -2,7 +2,7 @@
 
 import importlib
 
-NAMES = ("attention", "block_sparse", "mlp", "nf4", "norm", "rope")
+NAMES = ("attention", "block_sparse", "hf", "mlp", "nf4", "norm", "rope")
 
 
 def load(suite: str) -> None:
