@@ -84,12 +84,12 @@ def test_gated_mlp(name, dtype):
     check(gated_mlp, reference.gated_mlp, args, activation, randn(tokens, hidden, dtype=dtype))
 
 
-def nan_padded(*shape, scale=1.0):
+def nan_padded(*shape, dtype=torch.float32, scale=1.0):
     """A random view into a larger buffer whose other elements are NaN: reading past the
     last dim's end shows in the result."""
-    buffer = torch.full((*shape[:-1], shape[-1] + 8), float("nan"), device=DEVICE)
+    buffer = torch.full((*shape[:-1], shape[-1] + 8), float("nan"), dtype=dtype, device=DEVICE)
     view = buffer[..., : shape[-1]]
-    view.copy_(randn(*shape, scale=scale))
+    view.copy_(randn(*shape, dtype=dtype, scale=scale))
     return view
 
 
@@ -104,6 +104,42 @@ def test_strides_and_leading_dims():
     check(linear, reference.linear, (xt, wt, None), "gelu", torch.ones(1, device=DEVICE).expand(11, 100))
     args = (x3, nan_padded(2 * 50, 72, scale=0.1), nan_padded(72, 50, scale=0.1))
     check(gated_mlp, reference.gated_mlp, args, "gelu_tanh", torch.ones(1, device=DEVICE).expand(2, 9, 72))
+
+
+def gated_mlp_pair(x, gate_weight, up_weight, down_weight, activation):
+    return gated_mlp(x, (gate_weight, up_weight), down_weight, activation)
+
+
+def reference_pair(x, gate_weight, up_weight, down_weight, activation):
+    return reference.gated_mlp(x, torch.cat((gate_weight, up_weight)), down_weight, activation)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("tokens", [1, 17])
+def test_gated_mlp_pair(tokens, dtype):
+    """Gemma 2's gate_proj and up_proj apart, used in place: a column-major gate weight and
+    an up weight sliced from a wider buffer; output and the gradients of x and all weights."""
+    hidden, inter = 72, 100
+    gate = weight(hidden, inter, dtype).t()
+    up = nan_padded(inter, hidden, dtype=dtype, scale=hidden**-0.5)
+    assert not (gate.is_contiguous() or up.is_contiguous())
+    args = (randn(tokens, hidden, dtype=dtype), gate, up, weight(hidden, inter, dtype))
+    check(gated_mlp_pair, reference_pair, args, "gelu_tanh", randn(tokens, hidden, dtype=dtype))
+
+
+def test_gated_mlp_pair_matches_stacked():
+    """Gate and up as two tensors give bitwise the output of the same values stacked, and
+    the stacked weight's gradient is theirs stacked."""
+    x, down = randn(17, 72).requires_grad_(), weight(72, 100, torch.float32).requires_grad_()
+    stacked = weight(2 * 100, 72, torch.float32).requires_grad_()
+    gate, up = (w.detach().clone().requires_grad_() for w in stacked.chunk(2))
+    out, out_pair = gated_mlp(x, stacked, down, "silu"), gated_mlp(x, (gate, up), down, "silu")
+    assert torch.equal(out, out_pair)
+    dout = randn(17, 72)
+    dx, dstacked, ddown = torch.autograd.grad(out, (x, stacked, down), dout)
+    dx_pair, dgate, dup, ddown_pair = torch.autograd.grad(out_pair, (x, gate, up, down), dout)
+    for name, a, b in (("x", dx, dx_pair), ("gate_up", dstacked, torch.cat((dgate, dup))), ("down", ddown, ddown_pair)):
+        torch.testing.assert_close(a, b, msg=f"grad {name}")
 
 
 @pytest.mark.parametrize("tile", [(16, 16, 16, 2), (64, 32, 32, 1), (16, 64, 128, 8)], ids=str)
@@ -141,14 +177,17 @@ def test_no_grad_matches_grad_path():
 
 
 def test_torch_compile_fullgraph():
+    """linear, and gated_mlp with the stacked weight and with a (gate, up) pair, in one graph."""
     x, w, b = randn(7, 40), weight(50, 40, torch.float32), randn(50)
-    gu, down = weight(2 * 50, 50, torch.float32), weight(50, 50, torch.float32)
-    leaves = (x, w, b, gu, down)
+    gu, gate, up = weight(2 * 50, 50, torch.float32), weight(50, 50, torch.float32), weight(50, 50, torch.float32)
+    down = weight(50, 50, torch.float32)
+    leaves = (x, w, b, gu, gate, up, down)
     for t in leaves:
         t.requires_grad_()
 
-    def step(x, w, b, gu, down):
-        return gated_mlp(linear(x, w, b, "gelu"), gu, down, "silu").square().sum()
+    def step(x, w, b, gu, gate, up, down):
+        h = linear(x, w, b, "gelu")
+        return (gated_mlp(h, gu, down, "silu") * gated_mlp(h, (gate, up), down, "gelu_tanh")).sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     loss = compiled(*leaves)
@@ -180,6 +219,13 @@ def test_tuning_declarations(dtype):
 def _linear_args(**changes):
     args = dict(x=randn(3, 4, 16), weight=randn(24, 16), bias=randn(24), activation="gelu")
     return {**args, **changes}
+
+
+def _on_device(value):
+    """value with its CPU tensors (a pair's too) moved to DEVICE."""
+    if isinstance(value, tuple):
+        return tuple(_on_device(v) for v in value)
+    return value.to(DEVICE) if isinstance(value, torch.Tensor) and value.device.type == "cpu" else value
 
 
 def _gated_args(**changes):
@@ -219,10 +265,19 @@ def test_linear_errors(changes, error, words):
         (dict(down_weight=torch.randn(16, 24, dtype=torch.float16)), TypeError, "down_weight: dtype torch.float16"),
         (dict(activation=None), ValueError, "activation: expected one of"),
         (dict(activation="swish"), ValueError, "activation: expected one of"),
+        (dict(gate_up_weight=None), TypeError, "gate_up_weight: expected a torch.Tensor (2 * intermediate, hidden) or a pair"),
+        (dict(gate_up_weight=(torch.randn(24, 16),)), ValueError, "expected a pair (gate_weight, up_weight), got a tuple of length 1"),
+        (dict(gate_up_weight=(torch.randn(24, 16),) * 3), ValueError, "got a tuple of length 3"),
+        (dict(gate_up_weight=(torch.randn(24, 16), None)), TypeError, "up_weight: expected a torch.Tensor"),
+        (dict(gate_up_weight=(torch.randn(24, 17), torch.randn(24, 17))), ValueError, "gate_weight: expected hidden (x's last dim) = 16"),
+        (dict(gate_up_weight=(torch.randn(24, 16), torch.randn(20, 16))), ValueError, "up_weight: expected intermediate (gate_weight's dim 0) = 24"),
+        (dict(gate_up_weight=(torch.randn(24, 16), torch.randn(24, 16, dtype=torch.float16))), TypeError, "up_weight: dtype torch.float16 differs from x's"),
+        (dict(gate_up_weight=(torch.randn(24, 16, device="meta"), torch.randn(24, 16))), ValueError, "gate_weight: tensor is on meta"),
+        (dict(gate_up_weight=(torch.randn(20, 16), torch.randn(20, 16))), ValueError, "down_weight: expected shape (hidden, intermediate) = (16, 20)"),
     ],
 )
 def test_gated_mlp_errors(changes, error, words):
-    changes = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in changes.items()}
+    changes = {k: _on_device(v) for k, v in changes.items()}
     with pytest.raises(error) as info:
         gated_mlp(**_gated_args(**changes))
     assert words in str(info.value)

@@ -4,9 +4,10 @@
 in Triton's matmul tutorial) whose epilogue adds the bias and applies the activation: in
 inference the pre-activation never makes a round trip through memory.
 
-`gated_mlp`: down(act(x W_gate^T) * (x W_up^T)). One kernel multiplies each x tile by the
-gate and the up tile of the stacked [2 * I, H] weight into two accumulators and writes
-only h = act(gate) * up; the down projection is the same GEMM as `linear`.
+`gated_mlp`: down(act(x W_gate^T) * (x W_up^T)). One kernel multiplies each x tile by a
+gate and an up weight tile (two tensors, or the halves of a stacked [2 * I, H] weight)
+into two accumulators and writes only h = act(gate) * up; the down projection is the
+same GEMM as `linear`.
 
 Backward: the elementwise part (activation derivatives) runs in Triton with
 `activations.activation_grad`; the GEMMs run in cuBLAS through torch.matmul.
@@ -95,23 +96,23 @@ def _linear_kernel(
 
 @triton.jit
 def _gate_up_kernel(
-    X, W, H, GateUp,
+    X, Wg, Wu, H, GateUp,
     M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hn, stride_gm, stride_gn,
+    stride_xm, stride_xk, stride_gn, stride_gk, stride_un, stride_uk, stride_hm, stride_hn, stride_pm, stride_pn,
     ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_N) tile of H = act(X @ W[:N]^T) * (X @ W[N:]^T), N the
-    intermediate size: W (2N, K) stacks the gate rows over the up rows (GLM-4's
-    gate_up_proj), H is (M, N). Each X tile feeds both accumulators. STORE_PRE also writes
-    gate and up to GateUp (M, 2N), W's layout."""
+    """One (BLOCK_M, BLOCK_N) tile of H = act(X @ Wg^T) * (X @ Wu^T), N the intermediate
+    size: Wg and Wu (N, K) each, any strides (two tensors, or the row halves of GLM-4's
+    stacked gate_up_proj), H (M, N). Each X tile feeds both accumulators. STORE_PRE also
+    writes gate and up side by side to GateUp (M, 2N)."""
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + (rows % M)[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    g_ptrs = W + (cols % N)[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
-    u_ptrs = W + (cols % N + N)[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    g_ptrs = Wg + (cols % N)[None, :].to(tl.int64) * stride_gn + offs_k[:, None] * stride_gk
+    u_ptrs = Wu + (cols % N)[None, :].to(tl.int64) * stride_un + offs_k[:, None] * stride_uk
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -119,11 +120,11 @@ def _gate_up_kernel(
         acc_g = tl.dot(x, _load_k(g_ptrs, offs_k, K - k * BLOCK_K, 0, EVEN_K), acc_g, input_precision=PRECISION)
         acc_u = tl.dot(x, _load_k(u_ptrs, offs_k, K - k * BLOCK_K, 0, EVEN_K), acc_u, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
-        g_ptrs += BLOCK_K * stride_wk
-        u_ptrs += BLOCK_K * stride_wk
+        g_ptrs += BLOCK_K * stride_gk
+        u_ptrs += BLOCK_K * stride_uk
     if STORE_PRE:
-        _store(GateUp, acc_g, rows, cols, M, N, stride_gm, stride_gn)
-        _store(GateUp, acc_u, rows, cols + N, M, 2 * N, stride_gm, stride_gn)
+        _store(GateUp, acc_g, rows, cols, M, N, stride_pm, stride_pn)
+        _store(GateUp, acc_u, rows, cols + N, M, 2 * N, stride_pm, stride_pn)
     _store(H, activation(acc_g, ACTIVATION) * acc_u, rows, cols, M, N, stride_hm, stride_hn)
 
 
@@ -204,18 +205,20 @@ def launch_linear(x, weight, bias, out, pre, activation_name: str | None) -> Non
     launch(LINEAR.lookup(launch, m=m, n=n, k=k, dtype=x.dtype, activation=activation_name))
 
 
-def launch_gate_up(x, gate_up_weight, h, gate_up, activation_name: str) -> None:
-    """h = act(x @ W_gate^T) * (x @ W_up^T) with `_gate_up_kernel`; x (M, K), gate_up_weight
-    (2I, K), h (M, I). gate_up: None, or (M, 2I) to receive gate and up."""
+def launch_gate_up(x, gate_weight, up_weight, h, gate_up, activation_name: str) -> None:
+    """h = act(x @ gate_weight^T) * (x @ up_weight^T) with `_gate_up_kernel`; x (M, K),
+    gate_weight and up_weight (I, K), h (M, I), any strides. gate_up: None, or (M, 2I) to
+    receive gate and up."""
     m, k = x.shape
-    inter = gate_up_weight.shape[0] // 2
+    inter = gate_weight.shape[0]
     if m == 0 or inter == 0:
         return
 
     def launch(config):
         _gate_up_kernel[_gemm_grid(m, inter, config)](
-            x, gate_up_weight, h, h if gate_up is None else gate_up, m, inter, k,
-            *x.stride(), *gate_up_weight.stride(), *h.stride(), *((0, 0) if gate_up is None else gate_up.stride()),
+            x, gate_weight, up_weight, h, h if gate_up is None else gate_up, m, inter, k,
+            *x.stride(), *gate_weight.stride(), *up_weight.stride(), *h.stride(),
+            *((0, 0) if gate_up is None else gate_up.stride()),
             ACTIVATION=activation_name, STORE_PRE=gate_up is not None, EVEN_K=k % config.meta["BLOCK_K"] == 0,
             PRECISION=dot_precision(x.dtype), **config.launch_kwargs(),
         )
@@ -255,24 +258,24 @@ def _(x, weight, bias, activation_name, store_pre):
     return _linear_outputs(x, weight, store_pre)
 
 
-def _gate_up_outputs(x, gate_up_weight, store_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    h = x.new_empty((x.shape[0], gate_up_weight.shape[0] // 2))
-    return h, x.new_empty((x.shape[0], gate_up_weight.shape[0]) if store_pre else (0,))
+def _gate_up_outputs(x, gate_weight, store_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x.new_empty((x.shape[0], gate_weight.shape[0]))
+    return h, x.new_empty((x.shape[0], 2 * gate_weight.shape[0]) if store_pre else (0,))
 
 
 @torch.library.custom_op("tritium::gated_mlp_gate_up", mutates_args=())
 def _gate_up_op(
-    x: torch.Tensor, gate_up_weight: torch.Tensor, activation_name: str, store_pre: bool
+    x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, activation_name: str, store_pre: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, gate_up) for 2-d x; gate_up (M, 2I) is empty unless store_pre."""
-    h, gate_up = _gate_up_outputs(x, gate_up_weight, store_pre)
-    launch_gate_up(x, gate_up_weight, h, gate_up if store_pre else None, activation_name)
+    h, gate_up = _gate_up_outputs(x, gate_weight, store_pre)
+    launch_gate_up(x, gate_weight, up_weight, h, gate_up if store_pre else None, activation_name)
     return h, gate_up
 
 
 @_gate_up_op.register_fake
-def _(x, gate_up_weight, activation_name, store_pre):
-    return _gate_up_outputs(x, gate_up_weight, store_pre)
+def _(x, gate_weight, up_weight, activation_name, store_pre):
+    return _gate_up_outputs(x, gate_weight, store_pre)
 
 
 @torch.library.custom_op("tritium::activation_backward", mutates_args=())
@@ -341,7 +344,8 @@ class LinearFunction(torch.autograd.Function):
 
 
 class GatedMLPFunction(torch.autograd.Function):
-    """down(act(gate) * up) for 2-d x.
+    """down(act(gate) * up) for 2-d x, the gate and up weights (I, hidden) as two tensors
+    (a stacked weight's row halves are views: autograd routes their gradients to it).
 
     For the backward the forward keeps gate and up (M, 2I) rather than recomputing them:
     recomputing would add a GEMM as large as the forward's first one, while keeping them
@@ -350,21 +354,23 @@ class GatedMLPFunction(torch.autograd.Function):
     4I (gate_up, act(gate), h)."""
 
     @staticmethod
-    def forward(ctx, x, gate_up_weight, down_weight, activation_name, needs_grad):
-        h, gate_up = _gate_up_op(x, gate_up_weight, activation_name, needs_grad)
+    def forward(ctx, x, gate_weight, up_weight, down_weight, activation_name, needs_grad):
+        h, gate_up = _gate_up_op(x, gate_weight, up_weight, activation_name, needs_grad)
         out, _ = _linear_op(h, down_weight, None, None, False)
-        ctx.save_for_backward(x, gate_up_weight, down_weight, gate_up)
+        ctx.save_for_backward(x, gate_weight, up_weight, down_weight, gate_up)
         ctx.activation_name = activation_name
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, gate_up_weight, down_weight, gate_up = ctx.saved_tensors
+        x, gate_weight, up_weight, down_weight, gate_up = ctx.saved_tensors
         dgate_up, h = _gated_backward_op(dout @ down_weight, gate_up, ctx.activation_name)
-        dx = dgate_up @ gate_up_weight if ctx.needs_input_grad[0] else None
-        dgate_up_weight = dgate_up.t() @ x if ctx.needs_input_grad[1] else None
-        ddown_weight = dout.t() @ h if ctx.needs_input_grad[2] else None
-        return dx, dgate_up_weight, ddown_weight, None, None
+        dgate, dup = dgate_up.chunk(2, dim=1)
+        dx = (dgate @ gate_weight).addmm_(dup, up_weight) if ctx.needs_input_grad[0] else None
+        dgate_weight = dgate.t() @ x if ctx.needs_input_grad[1] else None
+        dup_weight = dup.t() @ x if ctx.needs_input_grad[2] else None
+        ddown_weight = dout.t() @ h if ctx.needs_input_grad[3] else None
+        return dx, dgate_weight, dup_weight, ddown_weight, None, None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -393,20 +399,49 @@ def check_linear_args(x, weight, bias, activation_name) -> None:
     check_activation(activation_name)
 
 
+def _is_pair(gate_up_weight) -> bool:
+    return isinstance(gate_up_weight, (tuple, list))
+
+
+def _check_gate_up(x, gate_up_weight) -> int:
+    """Validate gated_mlp's gate_up_weight, stacked or a (gate_weight, up_weight) pair;
+    returns the intermediate size."""
+    if not _is_pair(gate_up_weight):
+        if not isinstance(gate_up_weight, torch.Tensor):
+            raise TypeError(
+                "gate_up_weight: expected a torch.Tensor (2 * intermediate, hidden) or a pair "
+                f"(gate_weight, up_weight) of (intermediate, hidden) tensors, got {type(gate_up_weight).__name__}"
+            )
+        check_tensor("gate_up_weight", gate_up_weight, shape="(2 * intermediate, hidden)", ndim=2)
+        check_like("gate_up_weight", gate_up_weight, "x", x)
+        check_dim("gate_up_weight", gate_up_weight, 1, x.shape[-1], "hidden (x's last dim)")
+        if gate_up_weight.shape[0] % 2:
+            raise ValueError(
+                "gate_up_weight: dim 0 must be even (the gate rows, then as many up rows), "
+                f"got shape {tuple(gate_up_weight.shape)}"
+            )
+        return gate_up_weight.shape[0] // 2
+    if len(gate_up_weight) != 2:
+        raise ValueError(
+            "gate_up_weight: expected a pair (gate_weight, up_weight), "
+            f"got a {type(gate_up_weight).__name__} of length {len(gate_up_weight)}"
+        )
+    gate_weight, up_weight = gate_up_weight
+    for name, w in (("gate_weight", gate_weight), ("up_weight", up_weight)):
+        check_tensor(name, w, shape="(intermediate, hidden)", ndim=2)
+        check_like(name, w, "x", x)
+        check_dim(name, w, 1, x.shape[-1], "hidden (x's last dim)")
+    check_dim("up_weight", up_weight, 0, gate_weight.shape[0], "intermediate (gate_weight's dim 0)")
+    return gate_weight.shape[0]
+
+
 def check_gated_mlp_args(x, gate_up_weight, down_weight, activation_name) -> None:
     """Validate `gated_mlp`'s arguments (before any launch)."""
     _check_input(x, "(..., hidden)")
-    check_tensor("gate_up_weight", gate_up_weight, shape="(2 * intermediate, hidden)", ndim=2)
-    check_like("gate_up_weight", gate_up_weight, "x", x)
-    check_dim("gate_up_weight", gate_up_weight, 1, x.shape[-1], "hidden (x's last dim)")
-    if gate_up_weight.shape[0] % 2:
-        raise ValueError(
-            "gate_up_weight: dim 0 must be even (the gate rows, then as many up rows), "
-            f"got shape {tuple(gate_up_weight.shape)}"
-        )
+    inter = _check_gate_up(x, gate_up_weight)
     check_tensor("down_weight", down_weight, shape="(hidden, intermediate)", ndim=2)
     check_like("down_weight", down_weight, "x", x)
-    expected = (x.shape[-1], gate_up_weight.shape[0] // 2)
+    expected = (x.shape[-1], inter)
     if tuple(down_weight.shape) != expected:
         raise ValueError(f"down_weight: expected shape (hidden, intermediate) = {expected}, got {tuple(down_weight.shape)}")
     check_activation(activation_name, allow_none=False)
@@ -430,18 +465,26 @@ def linear(
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def gated_mlp(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor, activation: str) -> torch.Tensor:
+def gated_mlp(
+    x: torch.Tensor,
+    gate_up_weight: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    down_weight: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
     """down(act(x W_gate^T) * (x W_up^T)) (GeGLU with "gelu"/"gelu_tanh", SwiGLU with
     "silu"); differentiable. The [tokens, 2 * intermediate] projection is never written in
     inference; with gradients it is kept for the backward.
 
-    x: (..., hidden), any leading dims and strides; gate_up_weight: (2 * intermediate,
-    hidden), the gate rows first (GLM-4's gate_up_proj; Gemma 2's gate_proj and up_proj
-    stacked); down_weight: (hidden, intermediate); all of x's dtype (float16, bfloat16 or
-    float32), accumulated in float32. Returns (..., hidden) in x's dtype.
+    x: (..., hidden), any leading dims and strides. gate_up_weight: either one tensor
+    (2 * intermediate, hidden), the gate rows first (GLM-4's gate_up_proj), or a pair
+    (gate_weight, up_weight) of (intermediate, hidden) tensors (Gemma 2's gate_proj and
+    up_proj, used in place: nothing is stacked); any strides. down_weight: (hidden,
+    intermediate). All of x's dtype (float16, bfloat16 or float32) and device, accumulated
+    in float32. Returns (..., hidden) in x's dtype.
     """
     check_gated_mlp_args(x, gate_up_weight, down_weight, activation)
+    gate_weight, up_weight = gate_up_weight if _is_pair(gate_up_weight) else gate_up_weight.chunk(2)
     x2 = x.reshape(-1, x.shape[-1])
-    needs_grad = _needs_grad(x, gate_up_weight, down_weight)
-    out = GatedMLPFunction.apply(x2, gate_up_weight, down_weight, activation, needs_grad)
+    needs_grad = _needs_grad(x, gate_weight, up_weight, down_weight)
+    out = GatedMLPFunction.apply(x2, gate_weight, up_weight, down_weight, activation, needs_grad)
     return out.reshape(x.shape)
