@@ -66,6 +66,29 @@ def test_kvcache_matches_full_attention(name, dtype):
     assert torch.allclose(lse[1:2], full[1], atol=1e-4), "lse differs from the prefill kernel's"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seqlen_q,splits", [(1, None), (1, 1), (3, 2)])
+def test_key_padding_mask_hides_cache_rows(seqlen_q, splits, dtype):
+    """A left-padded batch: pad rows at the start of each sequence (and one hole) stay
+    hidden, split boundaries included; rows past each length are hidden by cache_seqlens."""
+    batch, max_seqlen, heads_q, heads_kv, head_dim = 3, 150, 4, 2, 48
+    k_cache, v_cache = make_cache(batch, max_seqlen, heads_kv, head_dim, dtype)
+    q = torch.randn(batch, seqlen_q, heads_q, head_dim, device=DEVICE, dtype=dtype)
+    k_new, v_new = (torch.randn(batch, seqlen_q, heads_kv, head_dim, device=DEVICE, dtype=dtype) for _ in range(2))
+    cached = torch.tensor([9, 140, 70], dtype=torch.int32, device=DEVICE)
+    mask = torch.ones(batch, max_seqlen, dtype=torch.bool, device=DEVICE)
+    mask[0, :5], mask[1, :77], mask[2, 30] = False, False, False
+    out = tritium.flash_attention_with_kvcache(q, k_cache, v_cache, cached, k=k_new, v=v_new, key_padding_mask=mask,
+                                               num_splits=splits, window_size=(50, 0), softcap=20.0)
+    opts = dict(causal=True, window_size=(50, 0), softcap=20.0)
+    truths, sames = [], []
+    for b, n in enumerate((cached + seqlen_q).tolist()):
+        args = (q[b : b + 1], k_cache[b : b + 1, :n], v_cache[b : b + 1, :n])
+        truths.append(reference.attention(*(x.double() for x in args), key_padding_mask=mask[b : b + 1, :n], **opts))
+        sames.append(reference.attention(*args, key_padding_mask=mask[b : b + 1, :n], **opts))
+    assert_close("out", out, torch.cat(sames), torch.cat(truths), dtype)
+
+
 def test_empty_cache_rows_give_zero():
     k_cache, v_cache = make_cache(2, 64, 2, 32, torch.float32)
     q = torch.randn(2, 1, 2, 32, device=DEVICE)

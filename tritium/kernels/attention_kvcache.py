@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tritium.kernels.attention import check_attention_args, forward_config, launch_forward
+from tritium.kernels.attention import check_attention_args, check_key_padding_mask, forward_config, launch_forward
 from tritium.kernels.online_softmax import head_block
 from tritium.kernels.validation import check_dim, check_like, check_tensor
 from tritium.runtime import capturing, interpreted
@@ -113,8 +113,8 @@ def _append(k_cache, v_cache, k, v, cache_seqlens):
 @torch.library.custom_op("tritium::flash_attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
 def _kvcache_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-    k: Optional[torch.Tensor], v: Optional[torch.Tensor], window_left: int, window_right: int,
-    softcap: float, softmax_scale: float, num_splits: int,
+    k: Optional[torch.Tensor], v: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+    window_left: int, window_right: int, softcap: float, softmax_scale: float, num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, seqlen_q, heads_q, head_dim = q.shape
     max_seqlen, heads_kv = k_cache.shape[1], k_cache.shape[2]
@@ -133,7 +133,7 @@ def _kvcache_op(
     def launch(config):
         split_len = _split_len(q, heads_kv, max_seqlen, pack, config.meta["BLOCK_N"], num_splits)
         splits = max(triton.cdiv(max_seqlen, split_len), 1)
-        options = dict(key_padding_mask=None, seqlens_k=seqlens_k, scale=softmax_scale, max_seqlen_k=max_seqlen,
+        options = dict(key_padding_mask=key_padding_mask, seqlens_k=seqlens_k, scale=softmax_scale, max_seqlen_k=max_seqlen,
                        pack=pack, **window)
         if splits == 1:
             launch_forward(q, k_cache, v_cache, out, lse, config, **options)
@@ -153,7 +153,8 @@ def _kvcache_op(
 
 
 @_kvcache_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, k, v, window_left, window_right, softcap, softmax_scale, num_splits):
+def _(q, k_cache, v_cache, cache_seqlens, k, v, key_padding_mask, window_left, window_right, softcap, softmax_scale,
+      num_splits):
     batch, seqlen_q, heads_q, head_dim = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
 
@@ -208,6 +209,7 @@ def flash_attention_with_kvcache(
     *,
     k: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
     causal: bool = True,
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
@@ -222,7 +224,10 @@ def flash_attention_with_kvcache(
     tokens already cached per sequence (not updated: the caller advances it).
     k, v: optional new (batch, seqlen_new, heads_kv, head_dim), written into the cache at
     rows cache_seqlens[b] .. + seqlen_new before attending; sequence b then attends to its
-    first cache_seqlens[b] + seqlen_new keys. causal/window/softcap/softmax_scale as in
+    first cache_seqlens[b] + seqlen_new keys.
+    key_padding_mask: optional bool (batch, max_seqlen) over the cache rows, True = attend
+    (a left-padded batch: its pad rows stay hidden while the rows past each sequence's
+    length are hidden anyway). causal/window/softcap/softmax_scale as in
     `flash_attention`, with query i at position i + seqlen_k[b] - seqlen_q.
     num_splits: key-range splits (None = enough to fill the GPU).
     A tensor cache_seqlens is range-checked on the host (one sync per call) except under
@@ -237,7 +242,8 @@ def flash_attention_with_kvcache(
         softmax_scale=softmax_scale, k_name="k_cache", v_name="v_cache",
     )
     seqlens = _check_cache_args(q, k_cache, cache_seqlens, k, v)
+    check_key_padding_mask(key_padding_mask, q.shape[0], k_cache.shape[1], q)
     if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits: expected None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
-    out, lse = _kvcache_op(q, k_cache, v_cache, seqlens, k, v, left, right, float(softcap), scale, num_splits or 0)
+    out, lse = _kvcache_op(q, k_cache, v_cache, seqlens, k, v, key_padding_mask, left, right, float(softcap), scale, num_splits or 0)
     return (out, lse) if return_lse else out
