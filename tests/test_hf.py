@@ -111,8 +111,8 @@ def test_causal_lm_logits_padded(family):
 @pytest.mark.parametrize("family", CAUSAL_LMS)
 @pytest.mark.parametrize("padded", [False, True])
 def test_greedy_generate(family, padded):
-    """Prompt 10 + 5 new tokens: Gemma 2's window (6) slides during decode. Unpadded decode
-    takes the split-KV path, padded decode the prefill kernel with a key padding mask."""
+    """Prompt 10 + 5 new tokens: Gemma 2's window (6) slides during decode. Decode takes the
+    split-KV path, with a key padding mask when padded."""
     model = make(CAUSAL_LMS[family])
     ids, mask = padded_batch(10)
     if not padded:
@@ -194,12 +194,78 @@ def test_refuses_attention_weights_4d_masks_and_dropout():
         model.train()(input_ids=ids)
 
 
-def test_static_cache_is_refused_clearly():
-    model = make(glm4)
-    model.set_attn_implementation("tritium")
-    ids = torch.randint(3, 100, (1, 8), device=DEVICE)
-    with pytest.raises(ValueError, match="static caches"):
-        model.generate(input_ids=ids, max_new_tokens=2, cache_implementation="static")
+@pytest.mark.parametrize("family", CAUSAL_LMS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_greedy_generate_static_cache(family, padded):
+    """StaticCache: the keys are a preallocated buffer, of which the mask covers the filled
+    part. Gemma 2's sliding layers keep a rolling buffer of the window (6): it fills during
+    the prompt (10) and rolls on each new token."""
+    model = make(CAUSAL_LMS[family])
+    ids, mask = padded_batch(10)
+    if not padded:
+        mask = torch.ones_like(mask)
+    eager, ours = run_both(model, lambda m: m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
+                                                       min_new_tokens=5, do_sample=False,
+                                                       cache_implementation="static"))
+    assert torch.equal(eager, ours)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "glm4"])
+def test_static_cache_forward_without_mask(family):
+    """A bare forward over a StaticCache (no attention_mask): a 4-token prefill, a 3-token
+    chunk, then decode steps, each step's logits against eager's."""
+    from transformers import StaticCache
+
+    model = make(CAUSAL_LMS[family])
+    ids = torch.randint(3, 100, (2, 10), device=DEVICE)
+
+    def steps(m):
+        cache, logits, start = StaticCache(config=m.config, max_cache_len=16), [], 0
+        for length in (4, 3, 1, 1, 1):
+            logits.append(m(input_ids=ids[:, start:start + length], past_key_values=cache, use_cache=True).logits)
+            start += length
+        return logits
+
+    with torch.no_grad():
+        eager, ours = run_both(model, steps)
+    for e, o in zip(eager, ours):
+        assert_logits_close(e, o)
+
+
+def test_static_cache_decode_under_torch_compile_fullgraph():
+    """Compiled decode as generate runs it: a StaticCache, a left-padded attention_mask that
+    grows by one each step, the forward compiled with fullgraph=True (so no host sync or
+    graph break in the mask function or the attention)."""
+    from transformers import StaticCache
+
+    model = make(gemma2)
+    ids, mask = padded_batch(10)
+
+    def decode(m):
+        forward = m.forward
+        if m.config._attn_implementation == "tritium":
+            forward = torch.compile(m.forward, fullgraph=True, backend="aot_eager")
+        cache, step_mask = StaticCache(config=m.config, max_cache_len=16), mask
+        token, logits = m(input_ids=ids, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1), []
+        for _ in range(3):
+            step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], 1)
+            logits.append(forward(input_ids=token, attention_mask=step_mask, past_key_values=cache).logits)
+            token = logits[-1].argmax(-1)
+        return logits
+
+    with torch.no_grad():
+        eager, ours = run_both(model, decode)
+    for e, o in zip(eager, ours):
+        assert_logits_close(e, o)
+
+
+def test_bigbird_pegasus_generate_static_cache():
+    model = make(bigbird_pegasus)
+    src, src_mask = padded_batch(12, left=False)
+    eager, ours = run_both(model, lambda m: m.generate(input_ids=src, attention_mask=src_mask, max_new_tokens=4,
+                                                       min_new_tokens=4, do_sample=False,
+                                                       cache_implementation="static"))
+    assert torch.equal(eager, ours)
 
 
 def test_packed_sequences_are_refused_clearly():

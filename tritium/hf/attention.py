@@ -4,14 +4,14 @@ calls through its AttentionInterface / AttentionMaskInterface.
 transformers hands the attention function (batch, heads, seq, dim) tensors; tritium takes
 (batch, seq, heads, dim) with any strides, so a transpose(1, 2) view is all it needs. The
 mask function returns, like flash_attention_2's, a 2-D bool padding mask (batch, kv_len)
-or None, never a (batch, 1, q_len, kv_len) float mask: causality, the sliding window and
+(None when no attention_mask is given), never a (batch, 1, q_len, kv_len) float mask: causality, the sliding window and
 the KV-cache offset are all expressed by tritium's bottom-right aligned causal window.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.masking_utils import bidirectional_mask_function, eager_mask, flash_attention_mask
+from transformers.masking_utils import bidirectional_mask_function, eager_mask
 
 from tritium.kernels.attention import flash_attention
 from tritium.kernels.attention_kvcache import flash_attention_with_kvcache
@@ -30,41 +30,59 @@ MASKS_CARRY_CAUSALITY = {"bigbird_pegasus"}
 NOT_ROUTED = {"mvp": "MvpAttention computes attention itself (bmm + 4-D additive mask)"}
 
 
+def _static_cache_keys(q_length: int, kv_length: int, q_offset) -> int | torch.Tensor | None:
+    """How many leading keys a static cache layer has filled when this step's queries are
+    in (its buffer is kv_length long, the rest unwritten), or None for a dynamic cache,
+    whose keys are exactly the seen tokens. StaticLayer gives its offset as a tensor;
+    StaticSlidingWindowLayer as an int that, until its buffer is full, falls short of it."""
+    if isinstance(q_offset, torch.Tensor) or q_offset + q_length < kv_length:
+        return q_offset + q_length
+    return None
+
+
 def tritium_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                  mask_function=None, attention_mask: torch.Tensor | None = None, config=None, **kwargs):
     """AttentionMaskInterface entry: a (batch, kv_length) bool padding mask (True = attend)
-    or None when nothing is padded (4-D forms for MASKS_CARRY_CAUSALITY)."""
+    or None without an attention_mask (4-D forms for MASKS_CARRY_CAUSALITY).
+
+    With a static cache the mask is shorter than the keys: it covers the filled part of the
+    buffer (as flash_attention_2's does), which `tritium_attention` then attends alone."""
     model_type = getattr(config, "model_type", None)
     if model_type in NOT_ROUTED:
         raise ValueError(f'attn_implementation="{NAME}": {model_type} does not route attention through '
                          f"transformers' AttentionInterface ({NOT_ROUTED[model_type]}); keep \"eager\" and call "
                          "tritium.hf.apply(model), which patches its attention modules")
-    if isinstance(q_offset, torch.Tensor):
-        # StaticCache: keys are the whole preallocated buffer, not bottom-right aligned.
-        raise ValueError(f'attn_implementation="{NAME}": static caches are not supported; use DynamicCache '
-                         "(generate's default)")
     if kwargs.get("use_vmap"):
         raise ValueError(f'attn_implementation="{NAME}": custom or_mask/and_mask functions are not supported')
-    if kwargs.get("allow_is_causal_skip") is False and mask_function is not bidirectional_mask_function:
+    causal = mask_function is not bidirectional_mask_function
+    if kwargs.get("allow_is_causal_skip") is False and causal and q_length > 1:
         # Set by the causal mask makers for packed sequences (position_ids restarting inside a
         # row, no attention mask), which a padding mask cannot separate (and by the makers of
-        # bidirectional sliding-window masks, which tritium's attention refuses too).
+        # bidirectional sliding-window masks, which tritium's attention refuses too). Static
+        # caches set it for decode steps (q_length 1), where packing cannot occur.
         raise ValueError(f'attn_implementation="{NAME}": packed sequences are not supported; pass one sequence per '
                          "row with an attention_mask")
+    filled = _static_cache_keys(q_length, kv_length, q_offset) if causal else None
+    if filled is not None and attention_mask is None:
+        # generate always passes a mask (its length is the filled count); a bare forward
+        # needs the count on the host once.
+        attention_mask = torch.ones(batch_size, int(filled), dtype=torch.bool, device=kwargs.get("device"))
     if model_type in MASKS_CARRY_CAUSALITY:
-        if mask_function is bidirectional_mask_function:
+        if not causal:
             return eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                               config=config, **kwargs)
         padding = attention_mask[:, -kv_length:] if attention_mask is not None else torch.ones(
             batch_size, kv_length, dtype=torch.bool, device=kwargs.get("device"))
-        return padding[:, None, None, :]
-    return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
+        return padding[:, None, None, :].bool()
+    # Kept even when nothing is padded: testing that would sync the host with the GPU (and
+    # break torch.compile graphs), while a key mask costs the kernels one byte per key.
+    return None if attention_mask is None else attention_mask[:, -kv_length:].bool()
 
 
 def _mask_semantics(attention_mask: torch.Tensor | None, causal: bool, seqlen_k: int, model_type: str | None):
-    """(causal, key_padding_mask (batch, seqlen_k) bool or None) from what `tritium_mask`
-    produced: None or a 2-D padding mask (causality from the module), or one of the 4-D
-    forms of MASKS_CARRY_CAUSALITY."""
+    """(causal, key_padding_mask (batch, n) bool or None) from what `tritium_mask` produced:
+    None or a 2-D padding mask (causality from the module), or one of the 4-D forms of
+    MASKS_CARRY_CAUSALITY. n < seqlen_k for a static cache: only its first n keys are filled."""
     if attention_mask is None:
         return causal, None
     if attention_mask.dim() == 4:
@@ -80,7 +98,7 @@ def _mask_semantics(attention_mask: torch.Tensor | None, causal: bool, seqlen_k:
         else:
             raise ValueError(f'attn_implementation="{NAME}" takes 2-D padding masks; got a 4-D bool mask of shape '
                              f"{tuple(attention_mask.shape)}")
-    if attention_mask.shape[-1] != seqlen_k:
+    if attention_mask.shape[-1] > seqlen_k:
         raise ValueError(f'attn_implementation="{NAME}": padding mask covers {attention_mask.shape[-1]} keys, '
                          f"the attention has {seqlen_k}")
     return causal, attention_mask.bool()
@@ -108,8 +126,11 @@ def tritium_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             raise ValueError(f'attn_implementation="{NAME}": sliding_window={sliding_window} needs causal attention')
         window = (sliding_window - 1, 0)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if key_padding_mask is not None and key_padding_mask.shape[-1] < k.shape[1]:
+        # A static cache's buffer: the queries align with its filled keys, the rest is unwritten.
+        k, v = k[:, : key_padding_mask.shape[-1]], v[:, : key_padding_mask.shape[-1]]
     options = dict(causal=causal, window_size=window, softcap=softcap or 0.0, softmax_scale=scaling)
-    if key_padding_mask is None and q.shape[1] == 1 and not (torch.is_grad_enabled() and query.requires_grad):
-        # Decode step: the split-KV kernel reads the whole cache (all keys valid).
-        return flash_attention_with_kvcache(q, k, v, k.shape[1], **options), None
+    if q.shape[1] == 1 and not (torch.is_grad_enabled() and query.requires_grad):
+        # Decode step: the split-KV kernel, over every key of the cache.
+        return flash_attention_with_kvcache(q, k, v, k.shape[1], key_padding_mask=key_padding_mask, **options), None
     return flash_attention(q, k, v, key_padding_mask=key_padding_mask, **options), None
