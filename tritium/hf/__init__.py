@@ -3,11 +3,12 @@ attn_implementation="tritium":
 
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="tritium")
 
-and offers opt-in patching of a loaded model's norms, MLPs, the attention modules that
-bypass the interface (MVP's, BigBird-Pegasus' encoder, block-sparse included) and, with
-nf4=True, bitsandbytes' nf4 Linear4bit layers with tritium's kernels:
+and offers opt-in patching of a loaded model's norms, MLPs, rotary embeddings (Gemma 2,
+GLM-4), the attention modules that bypass the interface (MVP's, BigBird-Pegasus' encoder,
+block-sparse included) and, with nf4=True, bitsandbytes' nf4 Linear4bit layers with
+tritium's kernels:
 
-    tritium.hf.apply(model)    # or apply_tritium_to_gemma2(model, norms=True, mlp=False, nf4=True)
+    tritium.hf.apply(model)    # or apply_tritium_to_gemma2(model, mlp=False, rope=True, nf4=True)
     tritium.hf.revert(model)
 """
 

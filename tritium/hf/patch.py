@@ -1,7 +1,13 @@
 """Opt-in patching of a loaded transformers model with tritium's kernels: norms, MLPs,
-bitsandbytes' nf4 Linear4bit layers, and the attention modules that bypass transformers'
-AttentionInterface (MVP's, BigBird-Pegasus' encoder, "original_full" or "block_sparse");
-the rest of the attention goes through attn_implementation.
+rotary embeddings (Gemma 2, GLM-4), bitsandbytes' nf4 Linear4bit layers, and the attention
+modules that bypass transformers' AttentionInterface (MVP's, BigBird-Pegasus' encoder,
+"original_full" or "block_sparse"); the rest of the attention goes through
+attn_implementation.
+
+transformers rotates q and k with a module-level `apply_rotary_pos_emb` inside the
+attention forward; patching that function would change every model in the process, so
+`rope` replaces each attention module's forward instead (the same steps, the rotation on
+tritium's kernel, whatever attn_implementation is set).
 
 A patch replaces a module's `forward` by an instance attribute (or swaps a parameterless
 activation module for nn.Identity when its activation moves into a GEMM epilogue). The
@@ -18,6 +24,7 @@ from functools import partial
 import numpy as np
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from tritium.hf.attention import NAME, tritium_attention
 from tritium.kernels.block_sparse import block_sparse_attention
@@ -25,6 +32,7 @@ from tritium.kernels.mlp import gated_mlp, linear
 from tritium.kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight
 from tritium.kernels.nf4 import matmul as nf4_matmul
 from tritium.kernels.norm import layer_norm, rms_norm
+from tritium.kernels.rope import apply_rotary
 from tritium.models.mlp import activation_from_hf
 
 _ABSENT = object()
@@ -78,10 +86,8 @@ def _fused_gate_up_mlp(module, activation, x):
 
 
 def _split_gate_up_mlp(module, activation, x):
-    # Gemma 2 keeps gate_proj and up_proj apart: stacking them for gated_mlp would copy both
-    # weights every call, so the activation goes into the gate GEMM's epilogue instead.
-    h = linear(x, module.gate_proj.weight, None, activation) * linear(x, module.up_proj.weight)
-    return linear(h, module.down_proj.weight)
+    # Gemma 2 keeps gate_proj and up_proj apart: gated_mlp reads the pair in place.
+    return gated_mlp(x, (module.gate_proj.weight, module.up_proj.weight), module.down_proj.weight, activation)
 
 
 def _nf4_linear(module, weight, x):
@@ -210,6 +216,34 @@ def _mvp_attention(module, causal, hidden_states, key_value_states=None, past_ke
     return module.out_proj(out.reshape(batch, seqlen, module.embed_dim)), None
 
 
+# Gemma2Attention.forward's extra attention-interface arguments: {argument: module attribute}.
+GEMMA2_ATTENTION_ARGS = {"sliding_window": "sliding_window", "softcap": "attn_logit_softcapping"}
+
+
+def _rotary_attention(module, interleaved, eager_attention, attribute_args, hidden_states, position_embeddings,
+                      attention_mask=None, past_key_values=None, **kwargs):
+    # Gemma2Attention / Glm4Attention.forward (transformers 5.23) with the rotation on
+    # apply_rotary: q and k in one launch, in the (batch, seq, heads, dim) layout the
+    # projections give. transformers' cos/sin (batch or 1, seq, rotary_dim) hold [freqs,
+    # freqs] (GLM-4's apply_rotary_pos_emb too reads only the first half): ours are views of
+    # that half. GLM-4's rotary_dim < head_dim: the rest passes through, as in transformers.
+    shape = (*hidden_states.shape[:-1], -1, module.head_dim)
+    q, k, v = (proj(hidden_states).view(shape) for proj in (module.q_proj, module.k_proj, module.v_proj))
+    cos, sin = (t[..., : t.shape[-1] // 2] for t in position_embeddings)
+    # In place (no copy) unless autograd must see the rotation, where apply_rotary refuses it.
+    inplace = not (q.requires_grad or k.requires_grad)
+    q, k = apply_rotary(q, k, cos, sin, interleaved=interleaved, inplace=inplace)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    if past_key_values is not None:
+        k, v = past_key_values.update(k, v, module.layer_idx)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention)
+    extra = {arg: getattr(module, attr) for arg, attr in attribute_args.items()}
+    dropout = module.attention_dropout if module.training else 0.0
+    out, weights = interface(module, q, k, v, attention_mask, dropout=dropout, scaling=module.scaling, **extra,
+                             **kwargs)
+    return module.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
 def _patch_layer_norms(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) is nn.LayerNorm and len(module.normalized_shape) == 1 and module.elementwise_affine:
@@ -235,14 +269,23 @@ def _patch_forwards(model: nn.Module, module_type: type, forward, *args, dense_o
 
 
 def apply_tritium_to_gemma2(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True,
-                            nf4: bool = False):
-    """Gemma 2: attn_implementation="tritium", Gemma2RMSNorm, Gemma2MLP (GeGLU)."""
-    from transformers.models.gemma2.modeling_gemma2 import Gemma2MLP, Gemma2RMSNorm
+                            rope: bool = True, nf4: bool = False):
+    """Gemma 2: attn_implementation="tritium", Gemma2RMSNorm, Gemma2MLP (GeGLU), the rotary
+    step of Gemma2Attention (halves, full head_dim)."""
+    from transformers.models.gemma2.modeling_gemma2 import (
+        Gemma2Attention,
+        Gemma2MLP,
+        Gemma2RMSNorm,
+        eager_attention_forward,
+    )
 
     if nf4:  # first: it validates every layer before anything is patched
         _patch_linear4bit(model)
     if attention:
         _patch_attention(model)
+    if rope:
+        _patch_forwards(model, Gemma2Attention, _rotary_attention, False, eager_attention_forward,
+                        GEMMA2_ATTENTION_ARGS)
     if norms:
         _patch_forwards(model, Gemma2RMSNorm, _gemma_rms_norm)
     if mlp:
@@ -252,14 +295,17 @@ def apply_tritium_to_gemma2(model: nn.Module, *, attention: bool = True, norms: 
 
 
 def apply_tritium_to_glm4(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True,
-                          nf4: bool = False):
-    """GLM-4: attn_implementation="tritium", Glm4RMSNorm, Glm4MLP (SwiGLU, gate_up_proj)."""
-    from transformers.models.glm4.modeling_glm4 import Glm4MLP, Glm4RMSNorm
+                          rope: bool = True, nf4: bool = False):
+    """GLM-4: attn_implementation="tritium", Glm4RMSNorm, Glm4MLP (SwiGLU, gate_up_proj), the
+    rotary step of Glm4Attention (interleaved pairs, partial_rotary_factor of head_dim)."""
+    from transformers.models.glm4.modeling_glm4 import Glm4Attention, Glm4MLP, Glm4RMSNorm, eager_attention_forward
 
     if nf4:  # first: it validates every layer before anything is patched
         _patch_linear4bit(model)
     if attention:
         _patch_attention(model)
+    if rope:
+        _patch_forwards(model, Glm4Attention, _rotary_attention, True, eager_attention_forward, {})
     if norms:
         _patch_forwards(model, Glm4RMSNorm, _llama_rms_norm)
     if mlp:
@@ -269,10 +315,10 @@ def apply_tritium_to_glm4(model: nn.Module, *, attention: bool = True, norms: bo
 
 
 def apply_tritium_to_mvp(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True,
-                         nf4: bool = False):
+                         rope: bool = True, nf4: bool = False):
     """MVP: every MvpAttention (encoder, decoder self- and cross-attention; they never call
     the attention interface, so attn_implementation stays as it is and keeps making
-    eager's masks), LayerNorms, fc1 + activation."""
+    eager's masks), LayerNorms, fc1 + activation. No rotary embedding: rope is ignored."""
     from transformers.models.mvp.modeling_mvp import MvpDecoderLayer, MvpEncoderLayer
 
     if nf4:  # first: it validates every layer before anything is patched
@@ -293,10 +339,11 @@ def apply_tritium_to_mvp(model: nn.Module, *, attention: bool = True, norms: boo
 
 
 def apply_tritium_to_bigbird_pegasus(model: nn.Module, *, attention: bool = True, norms: bool = True,
-                                     mlp: bool = True, nf4: bool = False):
+                                     mlp: bool = True, rope: bool = True, nf4: bool = False):
     """BigBird-Pegasus: attn_implementation="tritium" (decoder self- and cross-attention) and
     the encoder's self-attention, "original_full" or "block_sparse" (training included: the
-    random layout is transformers' own seeded draw), LayerNorms, fc1 + activation.
+    random layout is transformers' own seeded draw), LayerNorms, fc1 + activation. No
+    rotary embedding: rope is ignored.
 
     transformers' encoder replaces its "block_sparse" modules by unpatched "original_full"
     ones for good when it first sees a sequence of (5 + 2r) * block_size tokens or fewer;
@@ -323,8 +370,9 @@ def apply_tritium_to_bigbird_pegasus(model: nn.Module, *, attention: bool = True
 
 
 def apply_tritium_to_bert_generation(model: nn.Module, *, attention: bool = True, norms: bool = True,
-                                     mlp: bool = True, nf4: bool = False):
-    """BertGeneration: attn_implementation="tritium", LayerNorms, intermediate.dense + act."""
+                                     mlp: bool = True, rope: bool = True, nf4: bool = False):
+    """BertGeneration: attn_implementation="tritium", LayerNorms, intermediate.dense + act.
+    No rotary embedding: rope is ignored."""
     from transformers.models.bert_generation.modeling_bert_generation import BertGenerationIntermediate
 
     if nf4:  # first: it validates every layer before anything is patched
@@ -349,9 +397,13 @@ MODEL_TYPE_TO_APPLY = {
 
 def apply(model: nn.Module, **options) -> nn.Module:
     """Patch model with its family's `apply_tritium_to_<family>(model, **options)`
-    (options: attention, norms, mlp, nf4). nf4=True: bitsandbytes' nf4 Linear4bit layers
-    compute with tritium.nf4.matmul (their MLPs keep their Linear modules: the fused MLP
-    kernels need dense weights). Patches stack; `revert` undoes them all."""
+    (options: attention, norms, mlp, rope, nf4; all but nf4 default to True).
+    rope=True: each attention module's forward rotates q and k with
+    tritium.kernels.rope.apply_rotary (Gemma 2, GLM-4; families without rotary embeddings
+    ignore it), under whichever attn_implementation the model uses. nf4=True: bitsandbytes'
+    nf4 Linear4bit layers compute with tritium.nf4.matmul (their MLPs keep their Linear
+    modules: the fused MLP kernels need dense weights). Patches stack; `revert` undoes them
+    all."""
     model_type = model.config.model_type
     if model_type not in MODEL_TYPE_TO_APPLY:
         raise ValueError(f"apply: model_type {model_type!r} has no tritium patches; supported: "

@@ -1,0 +1,109 @@
+"""tritium.hf.apply(model, rope=True): Gemma2Attention / Glm4Attention forwards that rotate
+q and k with tritium's kernel (Gemma 2: halves, full head_dim; GLM-4: interleaved pairs,
+half of head_dim), against the unpatched model under "eager": logits, greedy generate,
+training gradients; and revert, per model and exact. Tiny float32 models from test_hf."""
+
+import inspect
+
+import pytest
+import torch
+from conftest import DEVICE
+from test_hf import assert_grads_close, assert_logits_close, bert_encoder, gemma2, glm4, loss_grads, make, padded_batch
+
+import tritium.hf
+
+ROPE_FAMILIES = {"gemma2": gemma2, "glm4": glm4}
+
+
+def attention_modules(model):
+    """The model's Gemma2Attention / Glm4Attention modules."""
+    modules = [m for m in model.modules() if type(m).__name__ in ("Gemma2Attention", "Glm4Attention")]
+    assert modules, "no rotary attention module found"
+    return modules
+
+
+def eager_model(family):
+    model = make(ROPE_FAMILIES[family])
+    model.set_attn_implementation("eager")
+    return model
+
+
+# Gemma 2 refuses "sdpa" (no softcap there).
+@pytest.mark.parametrize("family,attention", [("gemma2", "eager"), ("gemma2", "tritium"), ("glm4", "eager"),
+                                              ("glm4", "sdpa"), ("glm4", "tritium")])
+def test_logits_match_eager(family, attention):
+    """The rotary step alone under "eager" / "sdpa" (norms and MLPs left to transformers), and
+    everything patched under "tritium"; left-padded batch, so positions differ per row."""
+    model = eager_model(family)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        if attention == "tritium":
+            tritium.hf.apply(model)
+        else:
+            model.set_attn_implementation(attention)
+            tritium.hf.apply(model, attention=False, norms=False, mlp=False)
+        assert all("forward" in m.__dict__ for m in attention_modules(model))
+        ours = model(input_ids=ids, attention_mask=mask).logits
+    assert_logits_close(expected, ours, mask)
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+def test_rope_false_leaves_attention_untouched(family):
+    model = eager_model(family)
+    tritium.hf.apply(model, rope=False)
+    assert model.config._attn_implementation == "tritium"
+    assert all("forward" not in m.__dict__ for m in attention_modules(model))
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+def test_greedy_generate_left_padded(family):
+    """DynamicCache decode: each new token rotated at its own position (the padded row's
+    positions start after its padding), in place (generate runs without grad)."""
+    model = eager_model(family)
+    ids, mask = padded_batch(8)
+    options = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    expected = model.generate(**options)
+    assert torch.equal(tritium.hf.apply(model).generate(**options), expected)
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+def test_training_gradients(family):
+    """Out-of-place rotation, its backward through the kernel. Right padding (see test_hf)."""
+    model = eager_model(family).train()
+    ids, mask = padded_batch(12, left=False)
+    expected = loss_grads(model, ids, mask)
+    assert_grads_close(expected, loss_grads(tritium.hf.apply(model), ids, mask))
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+def test_revert_restores_attention_forwards(family):
+    """Applied twice (patches stack), reverted once: every attention module back to its
+    class's forward, no instance attribute left, logits bit for bit as before."""
+    model = eager_model(family)
+    ids = torch.randint(3, 100, (1, 6), device=DEVICE)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        tritium.hf.apply(tritium.hf.apply(model, attention=False))
+        tritium.hf.revert(model)
+        after = model(input_ids=ids).logits
+    for module in attention_modules(model):
+        assert "forward" not in module.__dict__
+        assert module.forward.__func__ is type(module).forward
+    assert model.config._attn_implementation == "eager"
+    assert torch.equal(after, before)
+
+
+def test_family_without_rotary_accepts_rope():
+    model = make(bert_encoder)
+    ids, mask = padded_batch(left=False)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        ours = tritium.hf.apply(model, rope=True)(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert_logits_close(expected, ours, mask)
+
+
+def test_one_signature_across_families():
+    signatures = {name: inspect.signature(fn) for name, fn in tritium.hf.MODEL_TYPE_TO_APPLY.items()}
+    expected = ["model", "attention", "norms", "mlp", "rope", "nf4"]
+    assert all(list(s.parameters) == expected for s in signatures.values()), signatures
