@@ -86,6 +86,14 @@ def assert_logits_close(eager, ours, valid=None):
     assert (ours - eager).abs().max().item() <= tol
 
 
+def assert_each_step_close(model, steps):
+    """steps(model) -> a list of logits, under "eager" and "tritium", compared step by step."""
+    with torch.no_grad():
+        eager, ours = run_both(model, steps)
+    for e, o in zip(eager, ours, strict=True):
+        assert_logits_close(e, o)
+
+
 def loss_grads(model, ids, mask):
     """Parameter gradients of the LM loss, padded label positions ignored."""
     model.zero_grad()
@@ -226,10 +234,7 @@ def test_static_cache_forward_without_mask(family):
             start += length
         return logits
 
-    with torch.no_grad():
-        eager, ours = run_both(model, steps)
-    for e, o in zip(eager, ours):
-        assert_logits_close(e, o)
+    assert_each_step_close(model, steps)
 
 
 def test_static_cache_decode_under_torch_compile_fullgraph():
@@ -253,10 +258,7 @@ def test_static_cache_decode_under_torch_compile_fullgraph():
             token = logits[-1].argmax(-1)
         return logits
 
-    with torch.no_grad():
-        eager, ours = run_both(model, decode)
-    for e, o in zip(eager, ours):
-        assert_logits_close(e, o)
+    assert_each_step_close(model, decode)
 
 
 def test_bigbird_pegasus_generate_static_cache():
