@@ -370,6 +370,36 @@ def test_apply_seq2seq_generate(family):
     assert torch.equal(eager, ours)
 
 
+def test_apply_mvp_static_cache():
+    """MVP's patched attention over static caches: the self-attention buffer (16) is longer
+    than what is filled, so causal alignment needs the filled count; a 6-token decoder
+    prefill, then two decode steps, each step's logits against eager's."""
+    from transformers import EncoderDecoderCache, StaticCache
+
+    model = make(mvp)
+    kwargs = seq2seq_inputs()
+    decoder_ids = torch.cat([kwargs.pop("decoder_input_ids"), torch.randint(3, 100, (2, 2), device=DEVICE)], 1)
+
+    def steps(m):
+        cache = EncoderDecoderCache(StaticCache(config=m.config, max_cache_len=16),
+                                    StaticCache(config=m.config, max_cache_len=kwargs["input_ids"].shape[1]))
+        encoder = m.get_encoder()(**kwargs)
+        return [m(encoder_outputs=encoder, attention_mask=kwargs["attention_mask"], past_key_values=cache,
+                  decoder_input_ids=decoder_ids[:, start:stop]).logits for start, stop in ((0, 6), (6, 7), (7, 8))]
+
+    def patched(m):
+        tritium.hf.apply(m)
+        try:
+            return steps(m)
+        finally:
+            tritium.hf.revert(m)
+
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        for e, o in zip(steps(model), patched(model), strict=True):
+            assert_logits_close(e, o)
+
+
 def bigbird_block_sparse():
     """128 encoder tokens: the shortest the block-sparse layout takes with block_size 16
     and one random block (transformers falls back to full attention up to 112)."""

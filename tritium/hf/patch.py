@@ -209,8 +209,15 @@ def _mvp_attention(module, causal, hidden_states, key_value_states=None, past_ke
             k, v = cache.update(k, v, module.layer_idx)
             if is_cross and isinstance(past_key_values, EncoderDecoderCache):
                 past_key_values.is_updated[module.layer_idx] = True
+    padding = _key_padding(attention_mask)
+    if cache is not None and not is_cross:
+        # A static cache returns its whole buffer: causal alignment needs the filled count
+        # (a host sync for StaticLayer, whose count is a tensor).
+        filled = int(cache.layers[module.layer_idx].get_seq_length())
+        k, v = k[:, :, :filled], v[:, :, :filled]
+        padding = None if padding is None else padding[:, :filled]
     q = module.q_proj(hidden_states).view(batch, seqlen, module.num_heads, module.head_dim).transpose(1, 2)
-    out, _ = tritium_attention(module, q, k, v, _key_padding(attention_mask), is_causal=causal,
+    out, _ = tritium_attention(module, q, k, v, padding, is_causal=causal,
                                scaling=module.scaling, output_attentions=output_attentions,
                                dropout=module.dropout if module.training else 0.0)
     return module.out_proj(out.reshape(batch, seqlen, module.embed_dim)), None
