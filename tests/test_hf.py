@@ -344,10 +344,11 @@ def test_apply_training_gradients(family):
     assert_grads_close(eager, loss_grads(tritium.hf.apply(model), ids, mask))
 
 
-def test_apply_under_torch_compile_fullgraph():
-    """The patched Gemma 2 (tritium attention, norms, MLP) traces into one graph: the
-    kernels are torch.library custom ops and the patches are plain Python."""
-    model = make(gemma2)
+@pytest.mark.parametrize("family", ["gemma2", "glm4"])
+def test_apply_under_torch_compile_fullgraph(family):
+    """The patched model (tritium attention, norms, MLP, in-place rotary) traces into one
+    graph: the kernels are torch.library custom ops and the patches are plain Python."""
+    model = make(CAUSAL_LMS[family])
     model.set_attn_implementation("eager")
     ids = torch.randint(3, 100, (2, 14), device=DEVICE)
     with torch.no_grad():
