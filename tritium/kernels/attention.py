@@ -31,6 +31,7 @@ from tritium.kernels.online_softmax import (
     window_reach,
 )
 from tritium.kernels.validation import check_dim, check_float, check_like, check_tensor
+from tritium.runtime import cdiv, custom_op
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
@@ -250,7 +251,7 @@ def launch_forward(
     l_strides = lse.stride() if num_splits > 1 else (0, *lse.stride())
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
     mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    grid = (triton.cdiv(seqlen_q * pack, block_m), batch * heads_q // pack, num_splits)
+    grid = (cdiv(seqlen_q * pack, block_m), batch * heads_q // pack, num_splits)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, mask, seqlens_k if seqlens_k is not None else q,
         qk_scale, cap_log2, seqlen_q, k.shape[1], window_reach(window_left, unbounded),
@@ -262,7 +263,7 @@ def launch_forward(
     )
 
 
-@torch.library.custom_op("tritium::flash_attention_forward", mutates_args=())
+@custom_op("tritium::flash_attention_forward", mutates_args=())
 def _forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
     window_left: int, window_right: int, softcap: float, softmax_scale: float,
@@ -288,7 +289,7 @@ def _(q, k, v, key_padding_mask, window_left, window_right, softcap, softmax_sca
     )
 
 
-@torch.library.custom_op("tritium::flash_attention_backward", mutates_args=())
+@custom_op("tritium::flash_attention_backward", mutates_args=())
 def _backward_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor],

@@ -22,6 +22,7 @@ from tritium.kernels.online_softmax import (
     score_scales,
     window_reach,
 )
+from tritium.runtime import cdiv
 
 
 @triton.jit
@@ -247,7 +248,7 @@ def launch_backward(dout, q, k, v, out, lse, key_padding_mask, window_left, wind
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_d = head_block(head_dim)
     delta = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(triton.cdiv(seqlen_q, DELTA_BLOCK_M), batch * heads_q)](
+    _bwd_delta_kernel[(cdiv(seqlen_q, DELTA_BLOCK_M), batch * heads_q)](
         out, dout, delta, seqlen_q, heads_q, *out.stride(), *dout.stride(),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M,
     )
@@ -263,12 +264,12 @@ def launch_backward(dout, q, k, v, out, lse, key_padding_mask, window_left, wind
     group = heads_q // heads_kv
 
     def launch_dq(config):
-        _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, config.meta["BLOCK_M"]), batch * heads_q)](
+        _attn_bwd_dq_kernel[(cdiv(seqlen_q, config.meta["BLOCK_M"]), batch * heads_q)](
             q, k, v, dout, lse, delta, dq, mask, *scalars, heads_q, group, *strides,
             **constants, **config.launch_kwargs())
 
     def launch_dkdv(config):
-        _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, config.meta["BLOCK_N"]), batch * heads_kv)](
+        _attn_bwd_dkdv_kernel[(cdiv(seqlen_k, config.meta["BLOCK_N"]), batch * heads_kv)](
             q, k, v, dout, lse, delta, dk, dv, mask, *scalars, heads_kv, group, *strides,
             **constants, **config.launch_kwargs())
 

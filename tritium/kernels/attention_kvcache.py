@@ -19,7 +19,7 @@ import triton.language as tl
 from tritium.kernels.attention import check_attention_args, check_key_padding_mask, forward_config, launch_forward
 from tritium.kernels.online_softmax import head_block
 from tritium.kernels.validation import check_dim, check_like, check_tensor
-from tritium.runtime import capturing, interpreted
+from tritium.runtime import capturing, cdiv, custom_op, interpreted, next_power_of_2
 
 MAX_SPLITS = 64
 
@@ -89,28 +89,28 @@ def _split_len(q: torch.Tensor, heads_kv: int, max_seqlen: int, pack: int, block
     """Keys per split, a multiple of block_n: `requested` splits, or (0) enough that batch x
     kv heads x splits programs cover the SMs twice, and one split when the batch already
     does. Depends only on shapes, so it is safe in CUDA-graph capture."""
-    n_blocks = max(triton.cdiv(max_seqlen, block_n), 1)
+    n_blocks = max(cdiv(max_seqlen, block_n), 1)
     splits = requested
     if not splits and interpreted():  # exercise the split path on small CPU shapes too
         splits = min(4, n_blocks)
     elif not splits:
-        programs = q.shape[0] * heads_kv * triton.cdiv(q.shape[1] * pack, 16)
+        programs = q.shape[0] * heads_kv * cdiv(q.shape[1] * pack, 16)
         sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
-        splits = 1 if programs >= sms else min(triton.cdiv(2 * sms, programs), n_blocks, MAX_SPLITS)
-    return triton.cdiv(n_blocks, max(splits, 1)) * block_n
+        splits = 1 if programs >= sms else min(cdiv(2 * sms, programs), n_blocks, MAX_SPLITS)
+    return cdiv(n_blocks, max(splits, 1)) * block_n
 
 
 def _append(k_cache, v_cache, k, v, cache_seqlens):
     batch, seqlen_new, heads_kv, head_dim = k.shape
     block_t = 16
-    _append_kernel[(triton.cdiv(seqlen_new, block_t), batch * heads_kv)](
+    _append_kernel[(cdiv(seqlen_new, block_t), batch * heads_kv)](
         k_cache, v_cache, k, v, cache_seqlens, seqlen_new, k_cache.shape[1], heads_kv,
         *k_cache.stride(), *v_cache.stride(), *k.stride(), *v.stride(),
         HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_T=block_t,
     )
 
 
-@torch.library.custom_op("tritium::flash_attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
+@custom_op("tritium::flash_attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
 def _kvcache_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     k: Optional[torch.Tensor], v: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
@@ -132,7 +132,7 @@ def _kvcache_op(
 
     def launch(config):
         split_len = _split_len(q, heads_kv, max_seqlen, pack, config.meta["BLOCK_N"], num_splits)
-        splits = max(triton.cdiv(max_seqlen, split_len), 1)
+        splits = max(cdiv(max_seqlen, split_len), 1)
         options = dict(key_padding_mask=key_padding_mask, seqlens_k=seqlens_k, scale=softmax_scale, max_seqlen_k=max_seqlen,
                        pack=pack, **window)
         if splits == 1:
@@ -145,7 +145,7 @@ def _kvcache_op(
         _combine_kernel[(seqlen_q * heads_q, batch)](
             out_part, lse_part, out, lse, splits, seqlen_q, heads_q,
             *out_part.stride()[:4], *lse_part.stride()[:3], *out.stride()[:3],
-            HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_S=triton.next_power_of_2(splits),
+            HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_S=next_power_of_2(splits),
         )
 
     launch(forward_config(q, k_cache, pack=pack, launch=launch, **window))

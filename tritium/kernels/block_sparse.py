@@ -31,7 +31,7 @@ from tritium.kernels.online_softmax import (
     head_block,
 )
 from tritium.kernels.validation import check_tensor
-from tritium.runtime import capturing
+from tritium.runtime import capturing, custom_op, next_power_of_2
 
 MASK_PENALTY = -10000.0  # transformers' attn_mask_penalty, added to masked keys' scores
 LOG2E = 1.4426950408889634
@@ -382,7 +382,7 @@ def _problem(q, block_size):
     return dict(block_size=block_size, head_dim=q.shape[3], dtype=q.dtype)
 
 
-@torch.library.custom_op("tritium::block_sparse_attention_forward", mutates_args=())
+@custom_op("tritium::block_sparse_attention_forward", mutates_args=())
 def _forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: torch.Tensor, counts: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor], block_size: int, softmax_scale: float,
@@ -410,7 +410,7 @@ def _(q, k, v, lists, counts, key_padding_mask, block_size, softmax_scale):
     return q.new_empty(q.shape), q.new_empty((batch, heads, seqlen), dtype=torch.float32)
 
 
-@torch.library.custom_op("tritium::block_sparse_attention_backward", mutates_args=())
+@custom_op("tritium::block_sparse_attention_backward", mutates_args=())
 def _backward_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     lists: torch.Tensor, counts: torch.Tensor, key_padding_mask: Optional[torch.Tensor], block_size: int,
@@ -439,7 +439,7 @@ def _backward_op(
     def launch_dkdv(config):
         _bs_bwd_dkdv_kernel[(seqlen // block_size, batch * heads_kv)](
             *tensors, dk, dv, lists, counts, mask, *scales, heads_kv, heads // heads_kv, *all_strides,
-            WIDTH=triton.next_power_of_2(lists.shape[2]), **constants, **config.launch_kwargs())
+            WIDTH=next_power_of_2(lists.shape[2]), **constants, **config.launch_kwargs())
 
     launch_dq(BLOCK_SPARSE_BWD_DQ.lookup(launch_dq, **_problem(q, block_size)))
     launch_dkdv(BLOCK_SPARSE_BWD_DKDV.lookup(launch_dkdv, **_problem(q, block_size)))

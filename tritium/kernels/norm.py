@@ -27,6 +27,7 @@ import triton.language as tl
 from tritium import autotune
 from tritium.kernels.online_softmax import _load_rows
 from tritium.kernels.validation import check_device, check_dim, check_float, check_like, check_tensor
+from tritium.runtime import cdiv, custom_op, next_power_of_2
 
 MAX_HIDDEN = 65536  # one row lives in registers: BLOCK_N floats spread over the warps
 
@@ -153,8 +154,8 @@ def _norm_bwd_kernel(
 def norm_bucket(*, hidden: int, dtype: torch.dtype, rows: int) -> dict:
     """Problems in one bucket share a config: the row tile width (hidden rounded up to a
     power of two), the dtype, and the row count by powers of two (decode to prefill)."""
-    return {"block_n": triton.next_power_of_2(hidden), "dtype": str(dtype).replace("torch.", ""),
-            "rows": min(triton.next_power_of_2(max(rows, 1)), 1 << 14)}
+    return {"block_n": next_power_of_2(hidden), "dtype": str(dtype).replace("torch.", ""),
+            "rows": min(next_power_of_2(max(rows, 1)), 1 << 14)}
 
 
 def _fits(config: autotune.Config, bucket: dict) -> bool:
@@ -215,18 +216,18 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def _launch_forward(x2, r2, weight, bias, y, s, mean, rstd, config, *, eps, offset, rms, cast_weight, cast_normed):
     rows, hidden = x2.shape
     block_m = config.meta["BLOCK_M"]
-    _norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
+    _norm_fwd_kernel[(cdiv(rows, block_m),)](
         # Absent tensors are empty: a placeholder pointer stands in, never dereferenced.
         x2, r2 if r2 is not None else x2, weight, bias if bias is not None else weight, y,
         s if r2 is not None else y, rstd if rms else mean, rstd,
         rows, hidden, eps, offset, *x2.stride(), *(r2.stride() if r2 is not None else (0, 0)),
         RMS=rms, HAS_RESIDUAL=r2 is not None, HAS_BIAS=bias is not None, CAST_WEIGHT=cast_weight,
-        CAST_NORMED=cast_normed, BLOCK_M=block_m, BLOCK_N=triton.next_power_of_2(hidden),
+        CAST_NORMED=cast_normed, BLOCK_M=block_m, BLOCK_N=next_power_of_2(hidden),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
-@torch.library.custom_op("tritium::norm_forward", mutates_args=())
+@custom_op("tritium::norm_forward", mutates_args=())
 def _forward_op(
     x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
     eps: float, offset: float, rms: bool, cast_weight: bool, cast_normed: bool,
@@ -262,14 +263,14 @@ def _(x, residual, weight, bias, eps, offset, rms, cast_weight, cast_normed):
 def _launch_backward(dy2, ds2, x2, weight, mean, rstd, dx, dw, db, config, *, offset, rms, cast_weight):
     rows, hidden = x2.shape
     block_m = config.meta["BLOCK_M"]
-    per_program = block_m * triton.cdiv(triton.cdiv(rows, block_m), dw.shape[0])
+    per_program = block_m * cdiv(cdiv(rows, block_m), dw.shape[0])
     _norm_bwd_kernel[(dw.shape[0],)](
         dy2, ds2 if ds2 is not None else dy2, x2, weight, rstd if rms else mean, rstd, dx, dw,
         db if db.numel() else dw,
         rows, hidden, offset, per_program,
         *dy2.stride(), *(ds2.stride() if ds2 is not None else (0, 0)), *x2.stride(),
         RMS=rms, HAS_DS=ds2 is not None, HAS_BIAS=db.numel() > 0, CAST_WEIGHT=cast_weight,
-        BLOCK_M=block_m, BLOCK_N=triton.next_power_of_2(hidden),
+        BLOCK_M=block_m, BLOCK_N=next_power_of_2(hidden),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
@@ -277,12 +278,12 @@ def _launch_backward(dy2, ds2, x2, weight, mean, rstd, dx, dw, db, config, *, of
 def _programs(rows: int, config: autotune.Config, device: torch.device) -> int:
     """Backward programs: about PER_SM per SM, each with as many row tiles as the others
     (the last one may have fewer), none without a row."""
-    tiles = max(1, triton.cdiv(rows, config.meta["BLOCK_M"]))
-    per_program = triton.cdiv(tiles, min(tiles, config.meta["PER_SM"] * _sm_count(device)))
-    return triton.cdiv(tiles, per_program)
+    tiles = max(1, cdiv(rows, config.meta["BLOCK_M"]))
+    per_program = cdiv(tiles, min(tiles, config.meta["PER_SM"] * _sm_count(device)))
+    return cdiv(tiles, per_program)
 
 
-@torch.library.custom_op("tritium::norm_backward", mutates_args=())
+@custom_op("tritium::norm_backward", mutates_args=())
 def _backward_op(
     dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
     mean: torch.Tensor, rstd: torch.Tensor, offset: float, rms: bool, has_bias: bool, cast_weight: bool,

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from tritium.kernels.activations import tanh
+from tritium.runtime import next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -103,4 +104,4 @@ def window_reach(window: int, unbounded: int) -> int:
 
 def head_block(head_dim: int) -> int:
     """BLOCK_D: head_dim padded to a power of two (tl.dot needs >= 16)."""
-    return max(triton.next_power_of_2(head_dim), 16)
+    return max(next_power_of_2(head_dim), 16)

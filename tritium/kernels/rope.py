@@ -20,6 +20,7 @@ import triton.language as tl
 from tritium import autotune
 from tritium.autotune import Config
 from tritium.kernels.validation import check_dim, check_like, check_tensor
+from tritium.runtime import cdiv, custom_op
 
 
 @triton.jit
@@ -175,9 +176,9 @@ def _launch(q, k, q_out, k_out, cos, sin, offsets, offset, config, *, interleave
     if k is None:  # no head blocks of k: its arguments are never read
         k, k_out = q, q_out
     block_s, block_h = config.meta["BLOCK_S"], config.meta["BLOCK_H"]
-    seq_blocks, q_blocks = triton.cdiv(seqlen, block_s), triton.cdiv(heads_q, block_h)
+    seq_blocks, q_blocks = cdiv(seqlen, block_s), cdiv(heads_q, block_h)
     rest = head_dim - 2 * half if copy_rest else 0
-    grid = (batch * seq_blocks, q_blocks + triton.cdiv(heads_kv, block_h))
+    grid = (batch * seq_blocks, q_blocks + cdiv(heads_kv, block_h))
     _rotary_kernel[grid](
         q, k, q_out, k_out, cos, sin, offsets if offsets is not None else cos,
         seqlen, cos.shape[1], offset, heads_q, heads_kv, seq_blocks, q_blocks,
@@ -195,7 +196,7 @@ def _config(q, k, cos, interleaved, launch) -> Config:
     )
 
 
-@torch.library.custom_op("tritium::rotary", mutates_args=())
+@custom_op("tritium::rotary", mutates_args=())
 def _rotary_op(
     q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
     seqlen_offsets: Optional[torch.Tensor], offset: int, interleaved: bool, conjugate: bool,
@@ -215,7 +216,7 @@ def _(q, k, cos, sin, seqlen_offsets, offset, interleaved, conjugate):
     return [torch.empty_like(x) for x in (q, k) if x is not None]
 
 
-@torch.library.custom_op("tritium::rotary_", mutates_args=("q", "k"))
+@custom_op("tritium::rotary_", mutates_args=("q", "k"))
 def _rotary_inplace_op(
     q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
     seqlen_offsets: Optional[torch.Tensor], offset: int, interleaved: bool,
