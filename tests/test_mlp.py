@@ -12,6 +12,7 @@ from conftest import DEVICE, DTYPES
 from torch import nn
 
 from tritium import autotune, reference
+from tritium.kernels import mlp
 from tritium.kernels.mlp import GATE_UP, LINEAR, gated_mlp, linear
 from tritium.kernels.mlp_tuning import gemm_bucket
 from tritium.models.mlp import FeedForward, GatedMLP, Linear, activation_from_hf
@@ -142,18 +143,57 @@ def test_gated_mlp_pair_matches_stacked():
         torch.testing.assert_close(a, b, msg=f"grad {name}")
 
 
+def tile_config(block_m, block_n, block_k, group_m, **split_k):
+    """An interpreter config of these tiles; the linear GEMM's also needs SPLIT_K."""
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m, **split_k}
+    return autotune.Config(meta, num_warps=4, num_stages=1)
+
+
 @pytest.mark.parametrize("tile", [(16, 16, 16, 2), (64, 32, 32, 1), (16, 64, 128, 8)], ids=str)
 def test_tile_shapes(tile):
     """Any tile works: K steps that divide K (no mask) or not, groups of row blocks that do
     not divide the grid, tiles wider than the matrix."""
-    block_m, block_n, block_k, group_m = tile
-    config = autotune.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
-                             num_warps=4, num_stages=1)
-    with autotune.override("mlp_linear", config), autotune.override("mlp_gate_up", config):
+    with autotune.override("mlp_linear", tile_config(*tile, SPLIT_K=1)), \
+            autotune.override("mlp_gate_up", tile_config(*tile)):
         x = randn(70, 64)
         check(linear, reference.linear, (x, weight(90, 64, torch.float32), randn(90)), "gelu", randn(70, 90))
         args = (randn(70, 48), weight(2 * 40, 48, torch.float32), weight(48, 40, torch.float32))
         check(gated_mlp, reference.gated_mlp, args, "silu", randn(70, 48))
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("split_k", [2, 3, 4])
+def test_linear_split_k(split_k, dtype, tokens):
+    """K = 100 in steps of 32 (4 steps, the last partial) cut into 2, 3 or 4 splits, the
+    last one short (2: 64 + 36; 4: 3 x 32 + 4) or empty (3: 64 + 36 + 0); output and
+    gradients, through the reduction's epilogue with a bias, the stored pre-activation and
+    an activation, and with none of them."""
+    with autotune.override("mlp_linear", tile_config(16, 32, 32, 4, SPLIT_K=split_k)):
+        for activation, bias in (("silu", True), (None, False)):
+            args = (randn(tokens, 100, dtype=dtype), weight(48, 100, dtype), randn(48, dtype=dtype) if bias else None)
+            check(linear, reference.linear, args, activation, randn(tokens, 48, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_linear_split_k_deterministic(dtype, monkeypatch):
+    """Split-K in inference (no pre-activation stored) runs the reduction; two calls are
+    bitwise equal (the splits are added in a fixed order), and the result is as close to
+    the float64 truth as one split's (tests/accuracy.py's bound, one split's error the
+    yardstick)."""
+    x, w, b = randn(5, 300, dtype=dtype), weight(40, 300, dtype), randn(40, dtype=dtype)
+    sums = []
+    launch_split_sum = mlp.launch_split_sum
+    monkeypatch.setattr(mlp, "launch_split_sum", lambda *args: sums.append(args) or launch_split_sum(*args))
+    with torch.no_grad():
+        with autotune.override("mlp_linear", tile_config(16, 32, 32, 4, SPLIT_K=4)):
+            first, second = linear(x, w, b, "gelu_tanh"), linear(x, w, b, "gelu_tanh")
+        with autotune.override("mlp_linear", tile_config(16, 32, 32, 4, SPLIT_K=1)):
+            one = linear(x, w, b, "gelu_tanh")
+    assert len(sums) == 2
+    assert torch.equal(first, second)
+    truth = reference.linear(x.double(), w.double(), b.double(), "gelu_tanh")
+    assert_close("split-K vs one split", first, one, truth, dtype)
 
 
 def test_no_tokens():
@@ -211,6 +251,21 @@ def test_tuning_declarations(dtype):
                 problem = bucket(m=m, n=n, k=k)
                 assert kernel.prune(kernel.default(**problem), problem), (kernel.name, problem)
                 assert kernel.candidates(problem), (kernel.name, problem)
+
+
+def test_split_k_pruning():
+    """The linear GEMM splits K only at bucket m <= 64 and with a K step for every split;
+    its default never splits (untimed on a GPU); the gated GEMM has no SPLIT_K."""
+    decode = gemm_bucket(m=1, n=2304, k=9216, dtype=torch.bfloat16, activation=None)
+
+    def splits(bucket):
+        return {c.meta["SPLIT_K"] for c in LINEAR.candidates(bucket)}
+
+    assert splits(decode) == splits({**decode, "m": 64}) == {1, 2, 4, 8}
+    assert splits({**decode, "m": 128}) == {1}
+    assert splits({**decode, "k": 96}) == {1, 2}  # only BLOCK_K 32 leaves room for 2 splits
+    assert LINEAR.default(**decode).meta["SPLIT_K"] == 1
+    assert all("SPLIT_K" not in c.meta for c in GATE_UP.candidates(decode))
 
 
 # ----------------------------------------------------------------------------- errors

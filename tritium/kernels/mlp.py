@@ -2,7 +2,9 @@
 
 `linear`: act(x @ W^T + b) as one tiled GEMM (programs in grouped order for L2 reuse, as
 in Triton's matmul tutorial) whose epilogue adds the bias and applies the activation: in
-inference the pre-activation never makes a round trip through memory.
+inference the pre-activation never makes a round trip through memory. At few tokens
+the output tiles alone are too few programs to stream the weight at full bandwidth; the
+tuner may then split K (split_k.py), the epilogue moving to the deterministic reduction.
 
 `gated_mlp`: down(act(x W_gate^T) * (x W_up^T)). One kernel multiplies each x tile by a
 gate and an up weight tile (two tensors, or the halves of a stacked [2 * I, H] weight)
@@ -25,9 +27,11 @@ from tritium import autotune
 from tritium.kernels import mlp_tuning as tuning
 from tritium.kernels.activations import activation, activation_grad, check_activation
 from tritium.kernels.online_softmax import dot_precision
+from tritium.kernels.split_k import SOURCES as SPLIT_K_SOURCES
+from tritium.kernels.split_k import _finish, _k_span, _store, epilogue_flags, launch_split_sum, partials, split_len
 from tritium.kernels.validation import check_dim, check_like, check_tensor
+from tritium.runtime import cdiv, custom_op, next_power_of_2
 
-NO_ACTIVATION = "none"  # the constexpr name `activations.activation` treats as the identity
 ELEMENTWISE_TILE = 4096  # values per program of the backward's elementwise kernels
 
 
@@ -55,43 +59,37 @@ def _load_k(ptrs, offs_k, k_left, K_AXIS: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _store(Out, value, rows, cols, M, N, stride_m, stride_n):
-    """Store a float32 tile in Out's dtype, dropping rows >= M and columns >= N."""
-    ptrs = Out + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n
-    tl.store(ptrs, value.to(Out.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
-@triton.jit
 def _linear_kernel(
-    X, W, Bias, Out, Pre,
-    M, N, K,
+    X, W, Bias, Out, Pre, Partial,
+    M, N, K, split_len,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_om, stride_on, stride_pm, stride_pn,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) tile of Out = act(X @ W^T + bias): X (M, K), W (N, K) as
     nn.Linear, Out (M, N), float32 accumulation. STORE_PRE also writes X @ W^T + bias to
-    Pre, the input of act' in the backward."""
+    Pre, the input of act' in the backward. Program axis 1 is the K split: with SPLIT_K > 1
+    the tile's partial sums over [split * split_len, +split_len) go to Partial (SPLIT_K,
+    M, N) and `split_k._split_sum_kernel` applies the epilogue."""
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+    start, stop = _k_span(split, split_len, K)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # Rows and columns past the edge wrap around: their loads need no mask, the store drops them.
-    x_ptrs = X + (rows % M)[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = W + (cols % N)[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    x_ptrs = X + (rows % M)[:, None].to(tl.int64) * stride_xm + (start + offs_k)[None, :] * stride_xk
+    w_ptrs = W + (cols % N)[None, :].to(tl.int64) * stride_wn + (start + offs_k)[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        x = _load_k(x_ptrs, offs_k, K - k * BLOCK_K, 1, EVEN_K)
-        w = _load_k(w_ptrs, offs_k, K - k * BLOCK_K, 0, EVEN_K)
+    for k in range(start, stop, BLOCK_K):
+        x = _load_k(x_ptrs, offs_k, K - k, 1, EVEN_K)
+        w = _load_k(w_ptrs, offs_k, K - k, 0, EVEN_K)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
-    if HAS_BIAS:
-        acc += tl.load(Bias + cols * stride_b, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    if STORE_PRE:
-        _store(Pre, acc, rows, cols, M, N, stride_pm, stride_pn)
-    _store(Out, activation(acc, ACTIVATION), rows, cols, M, N, stride_om, stride_on)
+    _finish(acc, rows, cols, M, N, Bias, Out, Pre, Partial, split, stride_b, stride_om, stride_on, stride_pm,
+            stride_pn, ACTIVATION, HAS_BIAS, STORE_PRE, SPLIT_K)
 
 
 @triton.jit
@@ -169,9 +167,9 @@ def _gated_bwd_kernel(
 
 _ACTIVATION_SOURCES = (activation, activation_grad)
 LINEAR = autotune.Kernel(
-    "mlp_linear", space=tuning.SPACE, key=tuning.gemm_bucket, default=tuning.linear_default,
-    interpreter=tuning.INTERPRETER, prune=tuning.linear_fits,
-    sources=(_linear_kernel, _tile, _load_k, _store, *_ACTIVATION_SOURCES),
+    "mlp_linear", space=tuning.LINEAR_SPACE, key=tuning.gemm_bucket, default=tuning.linear_default,
+    interpreter=tuning.LINEAR_INTERPRETER, prune=tuning.linear_fits,
+    sources=(_linear_kernel, _tile, _load_k, *SPLIT_K_SOURCES),
 )
 GATE_UP = autotune.Kernel(
     "mlp_gate_up", space=tuning.SPACE, key=tuning.gemm_bucket, default=tuning.gate_up_default,
@@ -181,26 +179,31 @@ GATE_UP = autotune.Kernel(
 
 
 def _gemm_grid(m: int, n: int, config: autotune.Config) -> tuple[int]:
-    return (triton.cdiv(m, config.meta["BLOCK_M"]) * triton.cdiv(n, config.meta["BLOCK_N"]),)
+    return (cdiv(m, config.meta["BLOCK_M"]) * cdiv(n, config.meta["BLOCK_N"]),)
 
 
 def launch_linear(x, weight, bias, out, pre, activation_name: str | None) -> None:
     """out = act(x @ weight^T + bias) with `_linear_kernel`; x (M, K), weight (N, K), bias
     (N,) or None, out (M, N), any strides. pre: None, or (M, N) to receive the
-    pre-activation."""
+    pre-activation. With SPLIT_K > 1 the splits' float32 partial sums (SPLIT_K, M, N) are
+    added by `split_k.launch_split_sum`, which applies the epilogue."""
     m, k = x.shape
     n = weight.shape[0]
     if m == 0 or n == 0:
         return
 
     def launch(config):
-        _linear_kernel[_gemm_grid(m, n, config)](
-            x, weight, x if bias is None else bias, out, out if pre is None else pre, m, n, k,
+        split, block_k = config.meta["SPLIT_K"], config.meta["BLOCK_K"]
+        partial = partials(out, split)
+        _linear_kernel[(*_gemm_grid(m, n, config), split)](
+            x, weight, x if bias is None else bias, out, out if pre is None else pre, partial,
+            m, n, k, split_len(k, block_k, split),
             *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0), *out.stride(),
-            *((0, 0) if pre is None else pre.stride()),
-            ACTIVATION=activation_name or NO_ACTIVATION, HAS_BIAS=bias is not None, STORE_PRE=pre is not None,
-            EVEN_K=k % config.meta["BLOCK_K"] == 0, PRECISION=dot_precision(x.dtype), **config.launch_kwargs(),
+            *((0, 0) if pre is None else pre.stride()), **epilogue_flags(bias, pre, activation_name),
+            EVEN_K=k % block_k == 0, PRECISION=dot_precision(x.dtype), **config.launch_kwargs(),
         )
+        if split > 1:
+            launch_split_sum(partial, bias, out, pre, activation_name)
 
     launch(LINEAR.lookup(launch, m=m, n=n, k=k, dtype=x.dtype, activation=activation_name))
 
@@ -229,9 +232,9 @@ def launch_gate_up(x, gate_weight, up_weight, h, gate_up, activation_name: str) 
 def _elementwise_launch(m: int, n: int) -> tuple[tuple[int, int], dict]:
     """Grid and tile of the backward's elementwise kernels: ELEMENTWISE_TILE values per
     program, rows as wide as the tensor up to 1024 columns."""
-    block_n = min(1024, max(16, triton.next_power_of_2(n)))
+    block_n = min(1024, max(16, next_power_of_2(n)))
     block_m = ELEMENTWISE_TILE // block_n
-    return (triton.cdiv(m, block_m), triton.cdiv(n, block_n)), {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    return (cdiv(m, block_m), cdiv(n, block_n)), {"BLOCK_M": block_m, "BLOCK_N": block_n}
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -242,7 +245,7 @@ def _linear_outputs(x, weight, store_pre: bool) -> tuple[torch.Tensor, torch.Ten
     return out, x.new_empty(out.shape if store_pre else (0,))
 
 
-@torch.library.custom_op("tritium::linear", mutates_args=())
+@custom_op("tritium::linear", mutates_args=())
 def _linear_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation_name: Optional[str],
     store_pre: bool,
@@ -263,7 +266,7 @@ def _gate_up_outputs(x, gate_weight, store_pre: bool) -> tuple[torch.Tensor, tor
     return h, x.new_empty((x.shape[0], 2 * gate_weight.shape[0]) if store_pre else (0,))
 
 
-@torch.library.custom_op("tritium::gated_mlp_gate_up", mutates_args=())
+@custom_op("tritium::gated_mlp_gate_up", mutates_args=())
 def _gate_up_op(
     x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, activation_name: str, store_pre: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +281,7 @@ def _(x, gate_weight, up_weight, activation_name, store_pre):
     return _gate_up_outputs(x, gate_weight, store_pre)
 
 
-@torch.library.custom_op("tritium::activation_backward", mutates_args=())
+@custom_op("tritium::activation_backward", mutates_args=())
 def _activation_backward_op(dy: torch.Tensor, pre: torch.Tensor, activation_name: str) -> torch.Tensor:
     """dy * act'(pre) for 2-d dy and contiguous pre of its shape."""
     dpre = torch.empty_like(pre)
@@ -296,7 +299,7 @@ def _(dy, pre, activation_name):
     return torch.empty_like(pre)
 
 
-@torch.library.custom_op("tritium::gated_mlp_backward", mutates_args=())
+@custom_op("tritium::gated_mlp_backward", mutates_args=())
 def _gated_backward_op(
     dh: torch.Tensor, gate_up: torch.Tensor, activation_name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

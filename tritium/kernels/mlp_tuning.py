@@ -1,12 +1,15 @@
 """How the MLP GEMMs are tuned, as data: the problem bucket, the config space, the
 predicate that prunes configs a GPU cannot run, and the heuristic defaults.
 
-Two kernels share all of it: the linear GEMM (one weight tile and one accumulator per
+Two kernels share most of it: the linear GEMM (one weight tile and one accumulator per
 program) and the gated GEMM (gate and up tiles, two accumulators), which is why the
-predicates and defaults take the number of weight tiles.
+predicates and defaults take the number of weight tiles. Only the linear GEMM can split
+K (at few tokens, where its column tiles alone leave SMs idle).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -17,9 +20,19 @@ SPACE = {
     "BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (16, 32, 64, 128, 256), "BLOCK_K": (32, 64, 128), "GROUP_M": (8,),
     "num_warps": (4, 8), "num_stages": (3, 4),
 }
+LINEAR_SPACE = {**SPACE, "SPLIT_K": (1, 2, 4, 8)}
+SPLIT_K_TOKENS = 64  # the most tokens (bucket m) at which the linear GEMM may split K
 SHARED_MEMORY = 227 * 1024  # Hopper's per-block maximum; the tuner skips what fails anyway
 ACC_REGISTERS = 128  # float32 accumulator values per thread before the kernel spills
 DECODE_PROGRAMS = 128  # column tiles a few-token GEMM wants: about one per SM, each streaming its weights
+
+
+def _one_split(config: Config) -> Config:
+    """config for the linear GEMM, K not split."""
+    return dataclasses.replace(config, meta={**config.meta, "SPLIT_K": 1})
+
+
+LINEAR_INTERPRETER = _one_split(INTERPRETER)
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -54,6 +67,10 @@ def _fits(config: Config, bucket: dict, weights: int) -> bool:
 
 
 def linear_fits(config: Config, bucket: dict) -> bool:
+    """`_fits`, and K split only for few tokens, each split at least one K step."""
+    split = config.meta["SPLIT_K"]
+    if split > 1 and (bucket["m"] > SPLIT_K_TOKENS or split * config.meta["BLOCK_K"] > bucket["k"]):
+        return False
     return _fits(config, bucket, weights=1)
 
 
@@ -77,7 +94,9 @@ def _default(m: int, n: int, dtype: str, weights: int) -> Config:
 
 
 def linear_default(*, m: int, n: int, dtype: str, **_) -> Config:
-    return _default(m, n, dtype, weights=1)
+    """`_default` with one split: split-K has not been timed on a GPU yet, so only the
+    tuner picks it."""
+    return _one_split(_default(m, n, dtype, weights=1))
 
 
 def gate_up_default(*, m: int, n: int, dtype: str, **_) -> Config:

@@ -29,7 +29,9 @@ from tritium import autotune
 from tritium.kernels import nf4_tuning as tuning
 from tritium.kernels.mlp import _tile
 from tritium.kernels.online_softmax import dot_precision
+from tritium.kernels.split_k import IDENTITY, SOURCES, _finish, _k_span, launch_split_sum, partials, split_len
 from tritium.kernels.validation import FLOAT_DTYPES, check_device, check_tensor
+from tritium.runtime import cdiv, custom_op
 
 # bitsandbytes' get_4bit_type("nf4"): quantiles of N(0, 1), scaled to [-1, 1], sorted.
 NF4_CODE = (
@@ -42,7 +44,6 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes acce
 NESTED_BLOCKSIZE = 256  # double quantization's block, fixed by bitsandbytes
 _NESTED_BLOCKSIZE = tl.constexpr(NESTED_BLOCKSIZE)
 PATHS = ("auto", "gemv", "gemm")
-SUM_BLOCK = 1024  # outputs per program of the split-K reduction
 
 
 # ----------------------------------------------------------------------------- format
@@ -269,23 +270,6 @@ def _weight_halves(P, Code, Absmax, Absmax2, Code2, Offset, rows, k0, K, offs_j,
 
 
 @triton.jit
-def _finish(acc, rows, cols, M, N, Bias, Out, Partial, split, stride_om, stride_on,
-            HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Store the float32 tile acc of Out[rows, cols]. One split: add the bias, write Out in
-    its dtype. Several: write this split's partial sums to Partial (SPLIT_K, M, N), which
-    `_split_sum_kernel` adds in a fixed order (deterministic, unlike atomics)."""
-    ok = (rows < M)[:, None] & (cols < N)[None, :]
-    rows = rows.to(tl.int64)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(Bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        ptrs = Out + rows[:, None] * stride_om + cols[None, :] * stride_on
-        tl.store(ptrs, acc.to(Out.dtype.element_ty), mask=ok)
-    else:
-        tl.store(Partial + (split * M + rows)[:, None] * N + cols[None, :], acc, mask=ok)
-
-
-@triton.jit
 def _dequantize_kernel(P, Code, Absmax, Absmax2, Code2, Offset, Out, numel,
                        BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr):
     """Out[i] = code[nibble i] * scale(i // BLOCKSIZE) for BLOCK consecutive elements:
@@ -316,8 +300,8 @@ def _gemv_kernel(
     offs_j = tl.arange(0, BLOCK_K // 2)
     x_base = X + rows[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    start = split * split_len
-    for k0 in range(start, tl.minimum(start + split_len, K), BLOCK_K):
+    start, stop = _k_span(split, split_len, K)
+    for k0 in range(start, stop, BLOCK_K):
         hi, lo = _weight_halves(P, Code, Absmax, Absmax2, Code2, Offset, cols % N, k0, K, offs_j,
                                 BLOCKSIZE, NESTED, ALIGNED)
         k = k0 + 2 * offs_j
@@ -326,7 +310,9 @@ def _gemv_kernel(
         x_even = tl.load(x_ptrs, mask=x_ok, other=0.0).to(tl.float32)
         x_odd = tl.load(x_ptrs + stride_xk, mask=x_ok, other=0.0).to(tl.float32)
         acc += tl.sum(x_even[:, None, :] * hi[None, :, :] + x_odd[:, None, :] * lo[None, :, :], axis=2)
-    _finish(acc, rows, cols, M, N, Bias, Out, Partial, split, stride_om, stride_on, HAS_BIAS, SPLIT_K)
+    # No activation, so no pre-activation either: Out stands in for the unused Pre.
+    _finish(acc, rows, cols, M, N, Bias, Out, Out, Partial, split, 1, stride_om, stride_on, 0, 0,
+            IDENTITY, HAS_BIAS, False, SPLIT_K)
 
 
 @triton.jit
@@ -349,8 +335,8 @@ def _gemm_kernel(
     # Rows past the edge wrap around: their loads need no mask, the store drops them.
     x_base = X + (rows % M)[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    start = split * split_len
-    for k0 in range(start, tl.minimum(start + split_len, K), BLOCK_K):
+    start, stop = _k_span(split, split_len, K)
+    for k0 in range(start, stop, BLOCK_K):
         x_ptrs = x_base + (k0 + offs_k)[None, :] * stride_xk
         if ALIGNED:
             x = tl.load(x_ptrs)
@@ -360,37 +346,23 @@ def _gemm_kernel(
                                 BLOCKSIZE, NESTED, ALIGNED)
         w = tl.interleave(hi, lo).to(X.dtype.element_ty)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    _finish(acc, rows, cols, M, N, Bias, Out, Partial, split, stride_om, stride_on, HAS_BIAS, SPLIT_K)
+    _finish(acc, rows, cols, M, N, Bias, Out, Out, Partial, split, 1, stride_om, stride_on, 0, 0,
+            IDENTITY, HAS_BIAS, False, SPLIT_K)
 
 
-@triton.jit
-def _split_sum_kernel(Partial, Bias, Out, M, N, stride_om, stride_on,
-                      HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    """Out = sum over splits of Partial (SPLIT_K, M, N), in split order, + bias."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < M * N
-    acc = tl.load(Partial + offs, mask=ok, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
-        acc += tl.load(Partial + s * M * N + offs, mask=ok, other=0.0)
-    col = offs % N
-    if HAS_BIAS:
-        acc += tl.load(Bias + col, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Out + (offs // N) * stride_om + col * stride_on, acc.to(Out.dtype.element_ty), mask=ok)
-
-
-_DECODE = (_scales, _weight_halves, _finish)
+_DECODE = (_scales, _weight_halves, *SOURCES)
 DEQUANTIZE = autotune.Kernel(
     "nf4_dequantize", space=tuning.DEQUANTIZE_SPACE, key=tuning.dequantize_bucket, default=tuning.dequantize_default,
     interpreter=tuning.DEQUANTIZE_INTERPRETER, sources=(_dequantize_kernel, _scales),
 )
 GEMV = autotune.Kernel(
     "nf4_gemv", space=tuning.GEMV_SPACE, key=tuning.matmul_bucket, default=tuning.gemv_default,
-    interpreter=tuning.GEMV_INTERPRETER, prune=tuning.gemv_fits, sources=(_gemv_kernel, _split_sum_kernel, *_DECODE),
+    interpreter=tuning.GEMV_INTERPRETER, prune=tuning.gemv_fits, sources=(_gemv_kernel, *_DECODE),
 )
 GEMM = autotune.Kernel(
     "nf4_gemm", space=tuning.GEMM_SPACE, key=tuning.matmul_bucket, default=tuning.gemm_default,
     interpreter=tuning.GEMM_INTERPRETER, prune=tuning.gemm_fits,
-    sources=(_gemm_kernel, _split_sum_kernel, _tile, *_DECODE),
+    sources=(_gemm_kernel, _tile, *_DECODE),
 )
 
 
@@ -412,7 +384,7 @@ def launch_dequantize(state: tuple, out: torch.Tensor, blocksize: int) -> None:
     numel = out.numel()
 
     def launch(config):
-        grid = (triton.cdiv(numel, config.meta["BLOCK"]),)
+        grid = (cdiv(numel, config.meta["BLOCK"]),)
         _dequantize_kernel[grid](*_pointers(*state), out, numel, BLOCKSIZE=blocksize, NESTED=state[3] is not None,
                                  enable_fp_fusion=False, **config.launch_kwargs())
 
@@ -430,26 +402,23 @@ def launch_matmul(x: torch.Tensor, state: tuple, bias, out: torch.Tensor, blocks
 
     def launch(config):
         split, block_k = config.meta["SPLIT_K"], config.meta["BLOCK_K"]
-        split_len = triton.cdiv(triton.cdiv(k, block_k), split) * block_k
-        partial = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-        args = (x, *pointers, out if bias is None else bias, out, partial, m, n, k, split_len, *x.stride(), *out.stride())
+        partial = partials(out, split)
+        args = (x, *pointers, out if bias is None else bias, out, partial, m, n, k, split_len(k, block_k, split),
+                *x.stride(), *out.stride())
         flags = dict(BLOCKSIZE=blocksize, NESTED=state[3] is not None, HAS_BIAS=bias is not None,
                      ALIGNED=k % blocksize == 0 and blocksize % block_k == 0)
         if path == "gemv":
             block_m = tuning.pow2(m, 1, 16)
-            grid = (triton.cdiv(n, config.meta["BLOCK_N"]), split, triton.cdiv(m, block_m))
+            grid = (cdiv(n, config.meta["BLOCK_N"]), split, cdiv(m, block_m))
             _gemv_kernel[grid](*args, BLOCK_M=block_m, **flags, **config.launch_kwargs())
         else:
-            grid = (triton.cdiv(m, config.meta["BLOCK_M"]) * triton.cdiv(n, config.meta["BLOCK_N"]), split)
+            grid = (cdiv(m, config.meta["BLOCK_M"]) * cdiv(n, config.meta["BLOCK_N"]), split)
             # No contraction: the dequantized tile equals dequantize()'s bit for bit (it costs
             # nothing here, where products accumulate in tl.dot; the GEMV's FMAs keep it).
             _gemm_kernel[grid](*args, PRECISION=dot_precision(x.dtype), **flags, enable_fp_fusion=False,
                                **config.launch_kwargs())
         if split > 1:
-            _split_sum_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
-                partial, out if bias is None else bias, out, m, n, *out.stride(),
-                HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=SUM_BLOCK,
-            )
+            launch_split_sum(partial, bias, out, None, None)
 
     kernel = GEMV if path == "gemv" else GEMM
     launch(kernel.lookup(launch, m=m, n=n, k=k, dtype=x.dtype, blocksize=blocksize))
@@ -458,7 +427,7 @@ def launch_matmul(x: torch.Tensor, state: tuple, bias, out: torch.Tensor, blocks
 # ----------------------------------------------------------------------------- custom ops and autograd
 
 
-@torch.library.custom_op("tritium::nf4_dequantize", mutates_args=())
+@custom_op("tritium::nf4_dequantize", mutates_args=())
 def _dequantize_op(
     packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
     code2: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int, shape: list[int],
@@ -474,7 +443,7 @@ def _(packed, code, absmax, absmax2, code2, offset, blocksize, shape, dtype):
     return packed.new_empty(shape, dtype=dtype)
 
 
-@torch.library.custom_op("tritium::nf4_matmul", mutates_args=())
+@custom_op("tritium::nf4_matmul", mutates_args=())
 def _matmul_op(
     x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor,
     absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
