@@ -2,7 +2,7 @@
 kernel launch stubbed out: what the Python around the kernels costs, and how many
 launches a call makes.
 
-    python -m benchmarks.host_overhead
+    python -m benchmarks.host_overhead [--number N]
 
 A decode step at batch 1 is launch-bound: a layer's kernels take tens of microseconds on
 an H100, so the host time of each call adds to the step unless the step is replayed from
@@ -14,6 +14,7 @@ top, once per launch counted here.
 
 from __future__ import annotations
 
+import argparse
 import os
 import timeit
 
@@ -65,7 +66,10 @@ def _stub_launches() -> dict:
     return count
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--number", type=int, default=2000, help="calls per timing (median of 5)")
+    number = parser.parse_args(argv).number
     cases = _cases()
     count = _stub_launches()
     print(f"{'op':<50} {'host us/call':>12} {'launches':>9}")
@@ -74,7 +78,6 @@ def main() -> None:
         count["launches"] = 0
         call()
         launches = count["launches"]
-        number = 2000
         per_call = sorted(timeit.repeat(call, number=number, repeat=5))[2] / number * 1e6
         print(f"{name:<50} {per_call:>12.1f} {launches:>9}")
 

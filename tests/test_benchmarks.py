@@ -19,3 +19,14 @@ def test_run_and_report(tmp_path):
     again = tmp_path / "again"
     main(["report", str(out / "results.json"), "--out", str(again)])
     assert (again / "README.md").read_text() == (out / "README.md").read_text()
+
+
+def test_host_overhead_runs():
+    """Its own process: it replaces the interpreter's launch for good."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--number", "5"], capture_output=True,
+                         text=True, check=True).stdout
+    rows = [line.rsplit(None, 2) for line in out.splitlines()[1:]]
+    assert len(rows) == 6 and all(float(us) > 0 and int(launches) >= 1 for _, us, launches in rows), out
