@@ -104,6 +104,7 @@ def cache_call(cache_seqlens, **changes):
         (0, dict(k=torch.randn(2, 1, 4, 32)), ValueError, "k: expected shape (batch, seqlen_new, heads_kv, head_dim)"),
         (0, dict(v=torch.randn(2, 2, 2, 32)), ValueError, "v: expected seqlen_new (as k)"),
         (0, dict(num_splits=0), ValueError, "num_splits"),
+        (0, dict(k=torch.randn(2, 1, 2, 32, requires_grad=True)), ValueError, "has no backward"),
         (0, dict(key_padding_mask=torch.ones(2, 15, dtype=torch.bool)), ValueError, "key_padding_mask: expected shape"),
         (0, dict(key_padding_mask=torch.ones(2, 16)), TypeError, "key_padding_mask: expected dtype"),
         (0, dict(causal=True, window_size=(2, 3)), ValueError, "causal=True needs"),

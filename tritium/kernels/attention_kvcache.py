@@ -241,6 +241,9 @@ def flash_attention_with_kvcache(
         q, k_cache, v_cache, causal=causal, window_size=window_size, softcap=softcap,
         softmax_scale=softmax_scale, k_name="k_cache", v_name="v_cache",
     )
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k_cache, v_cache, k, v)):
+        raise ValueError("flash_attention_with_kvcache is for inference and has no backward: an input requires grad "
+                         "(use flash_attention to train, or call it under torch.no_grad())")
     seqlens = _check_cache_args(q, k_cache, cache_seqlens, k, v)
     check_key_padding_mask(key_padding_mask, q.shape[0], k_cache.shape[1], q)
     if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
