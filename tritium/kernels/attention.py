@@ -31,7 +31,7 @@ from tritium.kernels.online_softmax import (
     window_reach,
 )
 from tritium.kernels.validation import check_dim, check_float, check_like, check_tensor
-from tritium.runtime import cdiv, custom_op
+from tritium.runtime import cdiv, custom_op, run_function
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
@@ -356,5 +356,5 @@ def flash_attention(
         q, k, v, causal=causal, window_size=window_size, softcap=softcap, softmax_scale=softmax_scale
     )
     check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[1], q)
-    out, lse = FlashAttentionFunction.apply(q, k, v, key_padding_mask, left, right, float(softcap), scale)
+    out, lse = run_function(FlashAttentionFunction, q, k, v, key_padding_mask, left, right, float(softcap), scale)
     return (out, lse) if return_lse else out

@@ -31,7 +31,7 @@ from tritium.kernels.online_softmax import (
     head_block,
 )
 from tritium.kernels.validation import check_tensor
-from tritium.runtime import capturing, custom_op, next_power_of_2
+from tritium.runtime import capturing, custom_op, next_power_of_2, run_function
 
 MASK_PENALTY = -10000.0  # transformers' attn_mask_penalty, added to masked keys' scores
 LOG2E = 1.4426950408889634
@@ -500,5 +500,5 @@ def block_sparse_attention(
     _check_layout_args(q, k, block_size, num_random_blocks, rand_attn, key_padding_mask)
     scale = q.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale)
     lists, counts = _layout(q.shape[1] // block_size, q.shape[2], num_random_blocks, rand_attn, q.device)
-    out, lse = BlockSparseAttentionFunction.apply(q, k, v, lists, counts, key_padding_mask, block_size, scale)
+    out, lse = run_function(BlockSparseAttentionFunction, q, k, v, lists, counts, key_padding_mask, block_size, scale)
     return (out, lse) if return_lse else out

@@ -30,7 +30,7 @@ from tritium.kernels.online_softmax import dot_precision
 from tritium.kernels.split_k import SOURCES as SPLIT_K_SOURCES
 from tritium.kernels.split_k import _finish, _k_span, _store, epilogue_flags, launch_split_sum, partials, split_len
 from tritium.kernels.validation import check_dim, check_like, check_tensor
-from tritium.runtime import cdiv, custom_op, next_power_of_2
+from tritium.runtime import cdiv, custom_op, next_power_of_2, run_function
 
 ELEMENTWISE_TILE = 4096  # values per program of the backward's elementwise kernels
 
@@ -464,7 +464,7 @@ def linear(
     """
     check_linear_args(x, weight, bias, activation)
     x2 = x.reshape(-1, x.shape[-1])
-    out = LinearFunction.apply(x2, weight, bias, activation, _needs_grad(x, weight, bias))
+    out = run_function(LinearFunction, x2, weight, bias, activation, _needs_grad(x, weight, bias))
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -489,5 +489,5 @@ def gated_mlp(
     gate_weight, up_weight = gate_up_weight if _is_pair(gate_up_weight) else gate_up_weight.chunk(2)
     x2 = x.reshape(-1, x.shape[-1])
     needs_grad = _needs_grad(x, gate_weight, up_weight, down_weight)
-    out = GatedMLPFunction.apply(x2, gate_weight, up_weight, down_weight, activation, needs_grad)
+    out = run_function(GatedMLPFunction, x2, gate_weight, up_weight, down_weight, activation, needs_grad)
     return out.reshape(x.shape)

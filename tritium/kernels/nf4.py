@@ -31,7 +31,7 @@ from tritium.kernels.mlp import _tile
 from tritium.kernels.online_softmax import dot_precision
 from tritium.kernels.split_k import IDENTITY, SOURCES, _finish, _k_span, launch_split_sum, partials, split_len
 from tritium.kernels.validation import FLOAT_DTYPES, check_device, check_tensor
-from tritium.runtime import cdiv, custom_op
+from tritium.runtime import cdiv, custom_op, run_function
 
 # bitsandbytes' get_4bit_type("nf4"): quantiles of N(0, 1), scaled to [-1, 1], sorted.
 NF4_CODE = (
@@ -536,5 +536,5 @@ def matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, *, p
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
     rows = x.reshape(-1, k)
     chosen = tuning.path(rows.shape[0]) if path == "auto" else path
-    out = NF4MatmulFunction.apply(rows, bias, w.shape, w.blocksize, chosen, *w.tensors())
+    out = run_function(NF4MatmulFunction, rows, bias, w.shape, w.blocksize, chosen, *w.tensors())
     return out.reshape(*x.shape[:-1], n)

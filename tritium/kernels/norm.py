@@ -27,7 +27,7 @@ import triton.language as tl
 from tritium import autotune
 from tritium.kernels.online_softmax import _load_rows
 from tritium.kernels.validation import check_device, check_dim, check_float, check_like, check_tensor
-from tritium.runtime import cdiv, custom_op, next_power_of_2
+from tritium.runtime import cdiv, custom_op, next_power_of_2, run_function
 
 MAX_HIDDEN = 65536  # one row lives in registers: BLOCK_N floats spread over the warps
 
@@ -405,7 +405,7 @@ def rms_norm(
     elif not isinstance(multiply_in_float32, bool):
         raise TypeError(f"multiply_in_float32: expected bool or None, got {type(multiply_in_float32).__name__}")
     narrow = not multiply_in_float32
-    y, s = NormFunction.apply(x, residual, weight, None, float(eps), float(offset), True, narrow, narrow)
+    y, s = run_function(NormFunction, x, residual, weight, None, float(eps), float(offset), True, narrow, narrow)
     return (y, s) if residual is not None else y
 
 
@@ -429,5 +429,5 @@ def layer_norm(
     Differentiable w.r.t. x, residual, weight and bias (gradients of both outputs).
     """
     _check_norm_args(x, weight, bias, residual, eps)
-    y, s = NormFunction.apply(x, residual, weight, bias, float(eps), 0.0, False, True, False)
+    y, s = run_function(NormFunction, x, residual, weight, bias, float(eps), 0.0, False, True, False)
     return (y, s) if residual is not None else y

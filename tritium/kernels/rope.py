@@ -20,7 +20,7 @@ import triton.language as tl
 from tritium import autotune
 from tritium.autotune import Config
 from tritium.kernels.validation import check_dim, check_like, check_tensor
-from tritium.runtime import cdiv, custom_op
+from tritium.runtime import cdiv, custom_op, run_function
 
 
 @triton.jit
@@ -348,7 +348,7 @@ def apply_rotary(
     tensor_offsets = seqlen_offsets if isinstance(seqlen_offsets, torch.Tensor) else None
     offset = 0 if tensor_offsets is not None else seqlen_offsets
     if not inplace:
-        return RotaryFunction.apply(q, k, cos, sin, tensor_offsets, offset, interleaved)
+        return run_function(RotaryFunction, q, k, cos, sin, tensor_offsets, offset, interleaved)
     # Autograd could follow an in-place rotation (its backward needs no saved input), but
     # not on leaves, and on views (q and k sliced from one qkv) only for single-output ops.
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k)):
