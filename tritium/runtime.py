@@ -26,20 +26,23 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
+_PLAIN = frozenset({int, float, bool, str, type(None), torch.dtype, list, tuple, torch.Size})
 
 
 def _needs_dispatcher(values) -> bool:
     """True when a call must go through torch's dispatcher: under torch.compile/export
     tracing, with a dispatch mode or the profiler active (fake tensors, FLOP counters,
-    traces that name the op), or for tensor subclasses, meta tensors and fx proxies."""
+    traces that name the op), or for tensor subclasses, meta tensors, fx proxies and any
+    other argument type an op's schema does not plainly take."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch.autograd.profiler._is_profiler_enabled:
         return True
     for value in values:
-        if isinstance(value, torch.Tensor):
-            if type(value) not in _PLAIN or value.is_meta:
+        kind = type(value)
+        if kind in _TENSORS:
+            if value.is_meta:
                 return True
-        elif isinstance(value, torch.fx.Proxy):
+        elif kind not in _PLAIN:
             return True
     return False
 
