@@ -1,8 +1,13 @@
-"""Where tritium's kernels run: compiled on a CUDA device, or under the Triton interpreter.
+"""Where and how tritium's kernels run: compiled on a CUDA device or under the Triton
+interpreter, and the host-side path to a launch.
 
-Triton decides between the two when a kernel is decorated, so the choice is read once, at
-import, from TRITON_INTERPRET (the test setup and the benchmark runner set it before
-importing triton when no GPU is present).
+Triton decides between compiled and interpreted when a kernel is decorated, so the choice
+is read once, at import, from TRITON_INTERPRET (the test setup and the benchmark runner
+set it before importing triton when no GPU is present).
+
+The host path is kept short because decode steps are launch-bound: `CustomOp` skips
+torch's dispatcher on plain eager calls, `run_function` skips autograd when nothing needs
+a gradient, and `cdiv`/`next_power_of_2` replace Triton's slower host-side versions.
 """
 
 import inspect
