@@ -99,6 +99,11 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def pow2(n: int, lo: int, hi: int) -> int:
+    """next_power_of_2(n) clamped to [lo, hi]: the buckets and block sizes of the tuners."""
+    return min(max(next_power_of_2(n), lo), hi)
+
+
 class _Inference:
     """The ctx an autograd.Function's forward gets when no gradient will be taken: it
     keeps nothing."""
@@ -113,12 +118,18 @@ class _Inference:
         pass
 
 
-def run_function(function: type[torch.autograd.Function], *args):
-    """function.apply(*args) where autograd must record the call (an input requires grad,
-    or torch.compile traces it), else function's forward alone: Function.apply costs about
-    10 us a call (measured on the CPU for the norm), which inference pays for nothing."""
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    ):
+def needs_grad(*values) -> bool:
+    """True when autograd would record an op on these values: grad mode is on and one of
+    them is a tensor that requires grad (others, None included, are ignored)."""
+    return torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
+
+
+def run_function(function: type[torch.autograd.Function], *args, record: bool | None = None):
+    """function.apply(*args) where autograd must record the call (`record`, by default
+    `needs_grad(*args)`, or torch.compile traces it), else function's forward alone:
+    Function.apply costs about 10 us a call (measured on the CPU for the norm), which
+    inference pays for nothing."""
+    record = needs_grad(*args) if record is None else record
+    if record or torch.compiler.is_compiling():
         return function.apply(*args)
     return function.forward(_Inference(), *args)

@@ -19,7 +19,7 @@ import triton.language as tl
 from tritium.kernels.attention import check_attention_args, check_key_padding_mask, forward_config, launch_forward
 from tritium.kernels.online_softmax import head_block
 from tritium.kernels.validation import check_dim, check_like, check_tensor
-from tritium.runtime import capturing, cdiv, custom_op, interpreted, next_power_of_2
+from tritium.runtime import capturing, cdiv, custom_op, interpreted, needs_grad, next_power_of_2
 
 MAX_SPLITS = 64
 
@@ -241,7 +241,7 @@ def flash_attention_with_kvcache(
         q, k_cache, v_cache, causal=causal, window_size=window_size, softcap=softcap,
         softmax_scale=softmax_scale, k_name="k_cache", v_name="v_cache",
     )
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k_cache, v_cache, k, v)):
+    if needs_grad(q, k_cache, v_cache, k, v):
         raise ValueError("flash_attention_with_kvcache is for inference and has no backward: an input requires grad "
                          "(use flash_attention to train, or call it under torch.no_grad())")
     seqlens = _check_cache_args(q, k_cache, cache_seqlens, k, v)

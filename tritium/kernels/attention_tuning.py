@@ -6,17 +6,13 @@ from __future__ import annotations
 import torch
 
 from tritium.autotune import Config
+from tritium.runtime import pow2
 
 INTERPRETER = Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 FWD_SPACE = {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
 BWD_SPACE = {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)}
 SHARED_MEMORY = 227 * 1024  # Hopper's per-block maximum; the tuner skips what fails anyway
 ACC_REGISTERS = 128  # float32 accumulator values per thread before the kernel spills
-
-
-def _pow2(n: int, lo: int, hi: int) -> int:
-    """The next power of two >= n, clamped to [lo, hi] (bit_length: this runs per launch)."""
-    return min(max(1 << (max(n, 1) - 1).bit_length(), lo), hi)
 
 
 def attention_bucket(
@@ -33,9 +29,9 @@ def attention_bucket(
         mask = "window"
     return {
         "head_dim": head_dim, "dtype": str(dtype).replace("torch.", ""), "mask": mask,
-        "window": _pow2(window_left, 1, 1 << 20) if window_left >= 0 else 0,
-        "softcap": softcap > 0, "seqlen_q": _pow2(seqlen_q, 16, 1 << 17),
-        "seqlen_k": _pow2(seqlen_k, 16, 1 << 17), "gqa": group, "pack": pack,
+        "window": pow2(window_left, 1, 1 << 20) if window_left >= 0 else 0,
+        "softcap": softcap > 0, "seqlen_q": pow2(seqlen_q, 16, 1 << 17),
+        "seqlen_k": pow2(seqlen_k, 16, 1 << 17), "gqa": group, "pack": pack,
     }
 
 
@@ -47,7 +43,7 @@ def fwd_fits(config: Config, bucket: dict) -> bool:
     """Tiles no larger than the rows there are, q plus pipelined K/V tiles in shared
     memory, the output accumulator in registers."""
     block_m, block_n = config.meta["BLOCK_M"], config.meta["BLOCK_N"]
-    block_d = _pow2(bucket["head_dim"], 16, 256)
+    block_d = pow2(bucket["head_dim"], 16, 256)
     rows = bucket["seqlen_q"] * bucket["pack"]
     if block_m > max(16, rows) or (rows >= 256 and block_m < 64):
         return False
@@ -58,7 +54,7 @@ def fwd_fits(config: Config, bucket: dict) -> bool:
 def bwd_fits(config: Config, bucket: dict) -> bool:
     """dK/dV (or dQ) accumulators in registers, the streamed tiles in shared memory."""
     block_m, block_n = config.meta["BLOCK_M"], config.meta["BLOCK_N"]
-    block_d = _pow2(bucket["head_dim"], 16, 256)
+    block_d = pow2(bucket["head_dim"], 16, 256)
     smem = config.num_stages * 2 * max(block_m, block_n) * block_d * _itemsize(bucket["dtype"])
     acc = 2 * max(block_m, block_n) * block_d
     return smem <= SHARED_MEMORY and acc <= ACC_REGISTERS * 32 * config.num_warps

@@ -30,7 +30,7 @@ from tritium.kernels.online_softmax import dot_precision
 from tritium.kernels.split_k import SOURCES as SPLIT_K_SOURCES
 from tritium.kernels.split_k import _finish, _k_span, _store, epilogue_flags, launch_split_sum, partials, split_len
 from tritium.kernels.validation import check_dim, check_like, check_tensor
-from tritium.runtime import cdiv, custom_op, next_power_of_2, run_function
+from tritium.runtime import cdiv, custom_op, needs_grad, next_power_of_2, run_function
 
 ELEMENTWISE_TILE = 4096  # values per program of the backward's elementwise kernels
 
@@ -385,10 +385,6 @@ def _check_input(x, shape: str) -> None:
     check_tensor("x", x, shape=shape, ndim=max(rank, 1))
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def check_linear_args(x, weight, bias, activation_name) -> None:
     """Validate `linear`'s arguments (before any launch)."""
     _check_input(x, "(..., in_features)")
@@ -464,7 +460,8 @@ def linear(
     """
     check_linear_args(x, weight, bias, activation)
     x2 = x.reshape(-1, x.shape[-1])
-    out = run_function(LinearFunction, x2, weight, bias, activation, _needs_grad(x, weight, bias))
+    grad = needs_grad(x, weight, bias)
+    out = run_function(LinearFunction, x2, weight, bias, activation, grad, record=grad)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -488,6 +485,6 @@ def gated_mlp(
     check_gated_mlp_args(x, gate_up_weight, down_weight, activation)
     gate_weight, up_weight = gate_up_weight if _is_pair(gate_up_weight) else gate_up_weight.chunk(2)
     x2 = x.reshape(-1, x.shape[-1])
-    needs_grad = _needs_grad(x, gate_weight, up_weight, down_weight)
-    out = run_function(GatedMLPFunction, x2, gate_weight, up_weight, down_weight, activation, needs_grad)
+    grad = needs_grad(x, gate_weight, up_weight, down_weight)
+    out = run_function(GatedMLPFunction, x2, gate_weight, up_weight, down_weight, activation, grad, record=grad)
     return out.reshape(x.shape)

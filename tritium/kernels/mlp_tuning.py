@@ -14,6 +14,7 @@ import dataclasses
 import torch
 
 from tritium.autotune import Config
+from tritium.runtime import pow2
 
 INTERPRETER = Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)
 SPACE = {
@@ -35,16 +36,11 @@ def _one_split(config: Config) -> Config:
 LINEAR_INTERPRETER = _one_split(INTERPRETER)
 
 
-def _pow2(n: int, lo: int, hi: int) -> int:
-    """The next power of two >= n, clamped to [lo, hi]."""
-    return min(max(1 << (max(n, 1) - 1).bit_length(), lo), hi)
-
-
 def gemm_bucket(*, m: int, n: int, k: int, dtype: torch.dtype, activation: str | None) -> dict:
     """The bucket of an (m, k) x (k, n) problem: the token count m by powers of two, the
     weight's sizes exactly (a model has few), whether the epilogue applies an activation."""
     return {
-        "m": _pow2(m, 16, 1 << 16), "n": n, "k": k, "dtype": str(dtype).replace("torch.", ""),
+        "m": pow2(m, 16, 1 << 16), "n": n, "k": k, "dtype": str(dtype).replace("torch.", ""),
         "activation": activation is not None,
     }
 

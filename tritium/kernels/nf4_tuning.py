@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from tritium.autotune import Config
+from tritium.runtime import pow2
 
 # Token counts (M, by powers of two) that run the GEMV path; larger ones run the GEMM.
 GEMV_BUCKETS = (1, 2, 4, 8, 16)
@@ -34,11 +35,6 @@ GEMM_SPACE = {
     "BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128, 256), "BLOCK_K": (32, 64, 128), "SPLIT_K": (1, 2, 4),
     "GROUP_M": (8,), "num_warps": (4, 8), "num_stages": (2, 3, 4),
 }
-
-
-def pow2(n: int, lo: int, hi: int) -> int:
-    """The next power of two >= n, clamped to [lo, hi]."""
-    return min(max(1 << (max(n, 1) - 1).bit_length(), lo), hi)
 
 
 def path(m: int) -> str:

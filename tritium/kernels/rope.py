@@ -20,7 +20,7 @@ import triton.language as tl
 from tritium import autotune
 from tritium.autotune import Config
 from tritium.kernels.validation import check_dim, check_like, check_tensor
-from tritium.runtime import cdiv, custom_op, run_function
+from tritium.runtime import cdiv, custom_op, needs_grad, next_power_of_2, run_function
 
 
 @triton.jit
@@ -117,22 +117,17 @@ TILE = 4096  # elements per program the default aims for: enough loads in flight
 MAX_PER_THREAD = 64  # elements per thread past which the tile spills
 
 
-def _pow2(n: int) -> int:
-    """The next power of two >= n (>= 1)."""
-    return 1 << (max(n, 1) - 1).bit_length()
-
-
 def rotary_bucket(*, head_dim: int, rotary_dim: int, dtype: torch.dtype, interleaved: bool,
                   heads_q: int, heads_kv: int, tokens: int) -> dict:
     """Problems in one bucket share a config: exact model shapes, tokens by powers of two."""
     return {
         "head_dim": head_dim, "rotary_dim": rotary_dim, "dtype": str(dtype).replace("torch.", ""),
-        "interleaved": interleaved, "heads_q": heads_q, "heads_kv": heads_kv, "tokens": min(_pow2(tokens), 1 << 16),
+        "interleaved": interleaved, "heads_q": heads_q, "heads_kv": heads_kv, "tokens": min(next_power_of_2(tokens), 1 << 16),
     }
 
 
 def _tile(config: Config, bucket: dict) -> int:
-    return config.meta["BLOCK_S"] * config.meta["BLOCK_H"] * _pow2(bucket["head_dim"])
+    return config.meta["BLOCK_S"] * config.meta["BLOCK_H"] * next_power_of_2(bucket["head_dim"])
 
 
 def rotary_fits(config: Config, bucket: dict) -> bool:
@@ -140,7 +135,7 @@ def rotary_fits(config: Config, bucket: dict) -> bool:
     threads = 32 * config.num_warps
     return (
         config.meta["BLOCK_S"] <= bucket["tokens"]
-        and config.meta["BLOCK_H"] <= _pow2(max(bucket["heads_q"], bucket["heads_kv"]))
+        and config.meta["BLOCK_H"] <= next_power_of_2(max(bucket["heads_q"], bucket["heads_kv"]))
         and threads <= _tile(config, bucket) <= MAX_PER_THREAD * threads
     )
 
@@ -149,8 +144,8 @@ def rotary_default(*, head_dim: int, heads_q: int, heads_kv: int, tokens: int, *
     """Heads per program up to 4, but no more than k has (GLM-4: 2), so k's blocks are
     full; tokens per program to reach TILE elements."""
     block_h = min(4, 1 << ((heads_kv or heads_q).bit_length() - 1))
-    block_s = min(max(TILE // (block_h * _pow2(head_dim)), 1), _pow2(tokens))
-    tile = block_s * block_h * _pow2(head_dim)
+    block_s = min(max(TILE // (block_h * next_power_of_2(head_dim)), 1), next_power_of_2(tokens))
+    tile = block_s * block_h * next_power_of_2(head_dim)
     return Config({"BLOCK_S": block_s, "BLOCK_H": block_h}, num_warps=4 if tile >= 4096 else 2, num_stages=1)
 
 
@@ -183,7 +178,7 @@ def _launch(q, k, q_out, k_out, cos, sin, offsets, offset, config, *, interleave
         q, k, q_out, k_out, cos, sin, offsets if offsets is not None else cos,
         seqlen, cos.shape[1], offset, heads_q, heads_kv, seq_blocks, q_blocks,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *cos.stride(), *sin.stride(),
-        HALF=half, BLOCK_HALF=_pow2(half), REST=rest, BLOCK_REST=_pow2(rest), INTERLEAVED=interleaved,
+        HALF=half, BLOCK_HALF=next_power_of_2(half), REST=rest, BLOCK_REST=next_power_of_2(rest), INTERLEAVED=interleaved,
         CONJUGATE=conjugate, HAS_OFFSETS=offsets is not None, **config.launch_kwargs(),
     )
 
@@ -351,7 +346,7 @@ def apply_rotary(
         return run_function(RotaryFunction, q, k, cos, sin, tensor_offsets, offset, interleaved)
     # Autograd could follow an in-place rotation (its backward needs no saved input), but
     # not on leaves, and on views (q and k sliced from one qkv) only for single-output ops.
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k)):
+    if needs_grad(q, k):
         raise ValueError("inplace=True is for inference: q or k requires grad; use inplace=False to train")
     _rotary_inplace_op(q, k, cos, sin, tensor_offsets, offset, interleaved)
     return q, k
