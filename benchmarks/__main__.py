@@ -1,5 +1,6 @@
-"""`python -m benchmarks run` measures suites and writes a report; `report` rebuilds the
-report from one or more results.json; `compare` gates a run against a baseline.
+"""`python -m benchmarks run` measures suites and writes a report, failing when a tritium
+row fails accuracy; `report` rebuilds the report from one or more results.json; `compare`
+gates a run against a baseline.
 
 Only torch is imported before the device is known: without CUDA, TRITON_INTERPRET=1 must
 be set before triton or tritium is first imported, because Triton chooses between the
@@ -16,13 +17,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import compare, results, suites
+from benchmarks import accuracy, compare, results, suites
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="measure suites; write results.json/.csv, README.md, plots")
+    run = commands.add_parser("run", help="measure suites; write results.json/.csv, README.md, plots; "
+                                          "exit status 1 when a tritium row fails accuracy")
     run.add_argument("--suite", default="all", choices=("all", *suites.NAMES))
     run.add_argument("--quick", action="store_true", help="a handful of cases")
     run.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
@@ -98,23 +100,32 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 1 if result.regressions else 0
 
 
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    device = _choose_device(parser, args.device)
+    from benchmarks import runner  # imports triton, so only after _choose_device
+
+    out, rows = runner.run(suite=args.suite, device=device, quick=args.quick, filter=args.filter,
+                           mode=args.mode, out=args.out, command=argv)
+    print(f"wrote {out / 'README.md'}")
+    failed = accuracy.failures(rows, subject_only=True)
+    if failed:
+        # After the report is written: a failing run keeps its results, and says why here.
+        print(f"{len(failed)} tritium row(s) failed accuracy (error against float64 over the tolerance):",
+              *map(accuracy.describe, failed), sep="\n", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m benchmarks`; returns the exit status (compare: 1 on a
-    regression). Usage errors exit with status 2."""
+    """Entry point of `python -m benchmarks`; returns the exit status (run: 1 when a tritium
+    row failed accuracy; compare: 1 on a regression). Usage errors exit with status 2."""
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "compare":
         return _compare(parser, args)
-    if args.command == "report":
-        out = _report(parser, args)
-    else:
-        device = _choose_device(parser, args.device)
-        from benchmarks import runner  # imports triton, so only after _choose_device
-
-        out = runner.run(suite=args.suite, device=device, quick=args.quick, filter=args.filter,
-                         mode=args.mode, out=args.out, command=argv)
-    print(f"wrote {Path(out) / 'README.md'}")
+    if args.command == "run":
+        return _run(parser, args, argv)
+    print(f"wrote {Path(_report(parser, args)) / 'README.md'}")
     return 0
 
 

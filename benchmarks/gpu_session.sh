@@ -26,8 +26,10 @@ case "$PHASE" in
     shift
     REPORT=$(mktemp -d)/report-$SUITE
     python -m benchmarks run --suite "$SUITE" --out "$REPORT" "$@" 2>&1 | tee "$OUT/bench-$SUITE.log" | tail -n 60
+    STATUS=${PIPESTATUS[0]}  # 1: a tritium row failed accuracy; its report is archived all the same
     # The device tool brings back at most 8 files: the report travels as one archive.
-    tar czf "$OUT/report-$SUITE.tgz" -C "$(dirname "$REPORT")" "report-$SUITE" ;;
+    tar czf "$OUT/report-$SUITE.tgz" -C "$(dirname "$REPORT")" "report-$SUITE"
+    exit "$STATUS" ;;
   *)
     echo "unknown phase $PHASE (tests | bench)" >&2; exit 2 ;;
 esac

@@ -3,8 +3,9 @@
 An operator is an input generator over a list of cases plus named backends, one of them
 the baseline on each device. Every (case, mode, backend) becomes one row of the long-format
 results table: time quantiles, TFLOP/s and GB/s with % of the measured peak, speedup over
-the baseline, and max abs error against a float64 reference. A backend that cannot run a
-case is a row with a note, never an error.
+the baseline, and max abs error against a float64 reference with the tolerance it is judged
+by (benchmarks/accuracy.py). A backend that cannot run a case is a row with a note, never an
+error.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from benchmarks import timing
+from benchmarks import accuracy, timing
 
 # What a backend raises when it cannot run here: a missing import, a case it cannot express
 # exactly, or a library refusing it ("No available kernel", out of memory).
@@ -57,8 +58,10 @@ class Operator:
     a dict of tensors; flops(case, mode) and nbytes(case, mode) count the work and the
     least memory traffic; error(case, inputs, outputs, grad_out) is the max abs error of
     outputs (the output, then in fwd+bwd the gradients of grad_inputs) against a float64
-    reference. `baseline` names the baseline backend per device; `headline` ("tflops" or
-    "gbps") is the throughput the report leads with; `x_name` says what case.x is."""
+    reference. `baseline` names the baseline backend per device; `accuracy_reference` the
+    backend computing the op with PyTorch in the case's dtype, whose error scales every
+    row's tolerance; `headline` ("tflops" or "gbps") is the throughput the report leads
+    with; `x_name` says what case.x is."""
 
     name: str
     suite: str
@@ -71,6 +74,7 @@ class Operator:
     nbytes: Callable[[Case, str], float]
     error: Callable[[Case, dict, tuple, torch.Tensor | None], float]
     grad_inputs: tuple[str, ...] = ()
+    accuracy_reference: str = "eager"
     headline: str = "tflops"
     x_name: str = "seqlen"
 
@@ -91,6 +95,9 @@ _OPERATORS: dict[str, Operator] = {}
 
 def register(op: Operator) -> Operator:
     """Add `op` to the registry (suites call this at import)."""
+    if op.accuracy_reference not in {b.name for b in op.backends}:
+        # Else every row would silently fall back to the looser per-dtype bound.
+        raise ValueError(f"{op.name}: accuracy_reference {op.accuracy_reference!r} is not one of its backends")
     _OPERATORS[op.name] = op
     return op
 
@@ -122,6 +129,7 @@ def _run_case(op: Operator, case: Case, mode: str, opts: RunOptions) -> list[dic
     for row in rows:
         if baseline is not None and row["ms_p50"] is not None:
             row["speedup"] = baseline["ms_p50"] / row["ms_p50"]
+    accuracy.judge(rows, op.accuracy_reference)
     return rows
 
 
@@ -135,7 +143,9 @@ def _measure(op, backend, case, mode, inputs, opts) -> dict:
         # Checked after timing: the float64 reference is what most likely runs out of
         # memory, and that must not cost the row its times.
         if backend.exact:
-            row["max_abs_err"] = op.error(case, inputs, step(), grad_out)
+            outputs = step()
+            row["dtype"] = str(outputs[0].dtype).removeprefix("torch.")
+            row["max_abs_err"] = op.error(case, inputs, outputs, grad_out)
         else:
             row["note"] = "computes a different function (a reference point): accuracy not compared"
     except SKIPPED as exc:
@@ -186,7 +196,8 @@ def _new_row(op, backend, case, mode, opts) -> dict:
         "ms_p20": None, "ms_p50": None, "ms_p80": None,
         "flops": op.flops(case, mode), "bytes": op.nbytes(case, mode), "headline": op.headline,
         "tflops": None, "tflops_pct_peak": None, "gbps": None, "gbps_pct_peak": None,
-        "speedup": None, "max_abs_err": None, "config": case.params, "note": "",
+        "speedup": None, "max_abs_err": None, "dtype": None, "tolerance": None, "accuracy_failed": None,
+        "config": case.params, "note": "",
         "reproduce": reproduce,
     }
 

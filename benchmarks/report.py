@@ -1,13 +1,14 @@
-"""README.md of a results folder: run metadata, a summary of tritium's speedups per suite,
-one table per (kernel, mode) with its geometric-mean speedups, skipped backends and plots,
-and the autotuner's chosen configs. Readable without results.json."""
+"""README.md of a results folder: run metadata, a summary of tritium's speedups per suite
+and of the rows that failed accuracy, one table per (kernel, mode) with its geometric-mean
+speedups, accuracy marks, skipped backends and plots, and the autotuner's chosen configs.
+Readable without results.json."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 
-from benchmarks import plots
+from benchmarks import accuracy, plots
 from benchmarks.results import write_atomic
 from benchmarks.summary import (
     SUBJECT,
@@ -21,8 +22,9 @@ from benchmarks.summary import (
 
 LEGEND = (
     "Each cell: median time · throughput (% of the measured peak above) · speedup over the "
-    "table's baseline. p20/p80 times, both throughputs, errors and a `reproduce` command "
-    "for every row are in results.csv and results.json."
+    "table's baseline; **accuracy FAIL** marks a row whose error against the float64 reference "
+    "exceeds its tolerance (see Summary). p20/p80 times, both throughputs, errors, tolerances "
+    "and a `reproduce` command for every row are in results.csv and results.json."
 )
 
 
@@ -112,7 +114,32 @@ def _summary(rows: list[dict], metadata: dict) -> str:
     if not any(r[f"{r['headline']}_pct_peak"] is not None for r in rows):
         where = "on CPU-interpreter" if metadata["interpreted"] else "in this run"
         parts.append(f"Roofline plots (% of the measured peak): n/a {where}, where no peak is measured.")
-    return "\n\n".join(parts)
+    return "\n\n".join([*parts, _accuracy_summary(rows)])
+
+
+def _dtypes(bounds: dict) -> str:
+    return ", ".join(f"{str(dtype).removeprefix('torch.')} {value:g}" for dtype, value in bounds.items())
+
+
+def _accuracy_summary(rows: list[dict]) -> str:
+    """How many rows failed accuracy and which, under the rule that judged them."""
+    judged = sum(r.get("accuracy_failed") is not None for r in rows)
+    if not judged:
+        return "Accuracy: not judged (these results record no tolerances; a new run judges them)."
+    failed = accuracy.failures(rows)
+    ours = len(accuracy.failures(rows, subject_only=True))
+    rule = (f"A row fails accuracy when its max abs error against the float64 reference exceeds "
+            f"{accuracy.FACTOR:g}x the error of PyTorch computing the same case in the same dtype "
+            f"(the operator's accuracy reference, eager in most suites) plus a floor "
+            f"({_dtypes(accuracy.FLOOR)}); where that reference has no error, a per-dtype bound "
+            f"({_dtypes(accuracy.BOUND)}). A {SUBJECT} row that fails makes the run exit with status 1.")
+    if not failed:
+        return f"**Accuracy: all {judged} rows with an error are within their tolerance.** {rule}"
+    table = ["| kernel | mode | case | backend | max abs error | tolerance |", "| --- | --- | --- | --- | --- | --- |"]
+    table += [f"| {r['kernel']} | {r['mode']} | {r['case']} | {r['backend']} | {number(r['max_abs_err'])} | "
+              f"{number(r['tolerance'])} |" for r in failed]
+    return (f"**Accuracy: {len(failed)} of {judged} rows failed accuracy ({ours} of them {SUBJECT}'s).** "
+            f"{rule}\n\n" + "\n".join(table))
 
 
 # ----------------------------------------------------------------------------- tables
@@ -125,7 +152,10 @@ def _cell(row: dict) -> str:
     unit = plots.UNITS[metric][0]
     pct = row[f"{metric}_pct_peak"]
     pct_text = "n/a" if pct is None else f"{pct:.0f}%"
-    return f"{number(row['ms_p50'], ' ms')}<br>{number(row[metric])} {unit} ({pct_text})<br>{_ratio(row['speedup'])}"
+    text = f"{number(row['ms_p50'], ' ms')}<br>{number(row[metric])} {unit} ({pct_text})<br>{_ratio(row['speedup'])}"
+    if row.get("accuracy_failed"):
+        text += f"<br>**accuracy FAIL**: err {number(row['max_abs_err'])} > tol {number(row['tolerance'])}"
+    return text
 
 
 def _section(kernel: str, mode: str, rows: list[dict], images: list[str]) -> str:
@@ -146,8 +176,19 @@ def _section(kernel: str, mode: str, rows: list[dict], images: list[str]) -> str
     worst = [max((r["max_abs_err"] for r in rows if r["backend"] == b and r["max_abs_err"] is not None), default=None)
              for b in backends]
     lines.append("| max abs error vs float64 (worst case) | | " + " | ".join(number(w) for w in worst) + " |")
+    lines.append("| accuracy (error within tolerance) | | "
+                 + " | ".join(_verdicts([r for r in rows if r["backend"] == b]) for b in backends) + " |")
     text = "\n\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:])
     return text + _notes(rows) + "".join(f"\n\n![{name}]({name})" for name in images)
+
+
+def _verdicts(rows: list[dict]) -> str:
+    """One backend's accuracy over a table's N judged cases: "ok (N of N)", "**FAIL** in F of
+    N" or "n/a"."""
+    judged = [r["accuracy_failed"] for r in rows if r.get("accuracy_failed") is not None]
+    if not judged:
+        return "n/a"
+    return f"**FAIL** in {sum(judged)} of {len(judged)}" if any(judged) else f"ok ({len(judged)} of {len(judged)})"
 
 
 def _geomean_line(rows: list[dict]) -> str:

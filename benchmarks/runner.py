@@ -11,10 +11,10 @@ from benchmarks import environment, harness, report, results, suites, timing
 
 
 def run(*, suite: str, device: str, quick: bool, filter: str | None, mode: str | None,
-        out: str | None, command: list[str]) -> Path:
+        out: str | None, command: list[str]) -> tuple[Path, list[dict]]:
     """Run `suite` ("all" or a name in suites.NAMES) on `device`; write results.json,
-    results.csv, README.md and plots to `out` (default reports/<device-slug>/), which is
-    returned. Exits with a message when --filter/--mode select nothing."""
+    results.csv, README.md and plots to `out` (default reports/<device-slug>/). Returns
+    that folder and the rows. Exits with a message when --filter/--mode select nothing."""
     start = time.perf_counter()
     suites.load(suite)
     peaks = timing.measure_peaks(device)
@@ -27,4 +27,4 @@ def run(*, suite: str, device: str, quick: bool, filter: str | None, mode: str |
     out_dir = Path(out) if out else environment.REPO / "reports" / metadata["device_slug"]
     results.save(out_dir, metadata, rows)
     report.write(out_dir, metadata, rows)
-    return out_dir
+    return out_dir, rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 SUBJECT = "tritium"
 
@@ -10,6 +11,11 @@ SUBJECT = "tritium"
 def ordered(values) -> list:
     """Distinct values in order of first appearance."""
     return list(dict.fromkeys(values))
+
+
+def is_subject(backend: str) -> bool:
+    """Whether `backend` runs tritium's kernels: "tritium" or a variant ("tritium+apply")."""
+    return re.split(r"[+-]", backend)[0] == SUBJECT
 
 
 def number(value: float | None, unit: str = "") -> str:

@@ -1,7 +1,8 @@
-"""The benchmark registry, results files and reports, without timing a kernel: a fake
-operator for the registry, and tests/data/results-synthetic.json (made-up GPU numbers) for
-the JSON round trip and the report."""
+"""The benchmark registry, results files, reports and accuracy verdicts, without timing a
+kernel: a fake operator for the registry and `run`, and tests/data/results-synthetic.json
+(made-up GPU numbers) for the JSON round trip and the report."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,10 +10,12 @@ import pytest
 import torch
 
 import tritium.autotune
-from benchmarks import environment, harness, results
+from benchmarks import accuracy, environment, harness, results, suites
 from benchmarks.__main__ import main
+from benchmarks.summary import ordered
 
 RECORDED = Path(__file__).parent / "data" / "results-synthetic.json"
+CASE = "d128-causal-s4096-b4-h16"
 CPU_PEAKS = {"tflops": None, "gbps": None}
 
 
@@ -20,23 +23,42 @@ def _missing_library(case, inputs):
     raise ImportError("No module named 'fastattn'")
 
 
+def _off_by(error: float):
+    """A backend computing 2x, `error` away from it."""
+    return lambda case, t: lambda: t["x"] * 2 + error
+
+
 @pytest.fixture
-def fake_operator(monkeypatch):
-    """A registered operator with a tritium, an eager and an uninstallable backend; the
-    registry is restored afterwards, so no other test sees it."""
+def fake_suite(monkeypatch):
+    """A suite "fake" that `python -m benchmarks run --suite fake` runs, and a function
+    registering its operator: a tritium, an eager (the accuracy reference), an
+    uninstallable and a peer backend, tritium and the peer `error` away from the truth. The
+    registry and the suite list are restored afterwards, so no other test sees them."""
     monkeypatch.setattr(harness, "_OPERATORS", dict(harness._OPERATORS))
-    return harness.register(harness.Operator(
-        name="double", suite="fake", modes=("fwd",),
-        cases=lambda device, quick: [harness.Case("n8", 8, "vectors", {"n": 8})],
-        inputs=lambda case, device: {"x": torch.randn(case.params["n"], device=device)},
-        backends=(
-            harness.Backend("tritium", lambda case, t: lambda: t["x"] * 2),
-            harness.Backend("fastattn", _missing_library),
-            harness.Backend("eager", lambda case, t: lambda: t["x"] + t["x"]),
-        ),
-        baseline={"cpu": "eager"}, flops=lambda case, mode: 8, nbytes=lambda case, mode: 64,
-        error=lambda case, inputs, outputs, grad_out: (outputs[0] - 2 * inputs["x"]).abs().max().item(),
-    ))
+    monkeypatch.setattr(suites, "NAMES", (*suites.NAMES, "fake"))
+    monkeypatch.setattr(suites, "load", lambda suite: None)
+
+    def register(tritium_error: float = 0.0, peer_error: float = 0.0) -> harness.Operator:
+        return harness.register(harness.Operator(
+            name="double", suite="fake", modes=("fwd",),
+            cases=lambda device, quick: [harness.Case("n8", 8, "vectors", {"n": 8})],
+            inputs=lambda case, device: {"x": torch.randn(case.params["n"], device=device)},
+            backends=(
+                harness.Backend("tritium", _off_by(tritium_error)),
+                harness.Backend("fastattn", _missing_library),
+                harness.Backend("eager", lambda case, t: lambda: t["x"] + t["x"]),
+                harness.Backend("peer", _off_by(peer_error)),
+            ),
+            baseline={"cpu": "eager"}, flops=lambda case, mode: 8, nbytes=lambda case, mode: 64,
+            error=lambda case, inputs, outputs, grad_out: (outputs[0] - 2 * inputs["x"]).abs().max().item(),
+        ))
+
+    return register
+
+
+@pytest.fixture
+def fake_operator(fake_suite):
+    return fake_suite()
 
 
 def _run_fake(op) -> list[dict]:
@@ -52,6 +74,11 @@ def test_registry_skips_a_backend_that_cannot_import(fake_operator):
     assert rows["tritium"]["ms_p50"] > 0 and rows["tritium"]["max_abs_err"] == 0
     assert rows["eager"]["is_baseline"] and rows["eager"]["speedup"] == 1
     assert rows["tritium"]["speedup"] > 0
+
+
+def test_accuracy_reference_must_be_a_backend(fake_operator):
+    with pytest.raises(ValueError, match="accuracy_reference 'torch' is not one of its backends"):
+        harness.register(dataclasses.replace(fake_operator, accuracy_reference="torch"))
 
 
 def test_results_round_trip(tmp_path, fake_operator):
@@ -78,6 +105,7 @@ def test_report_from_recorded_results(tmp_path):
     assert "## Summary" in text and "| attention | sdpa-flash | 1.09x | 3 | 1.07x to 1.11x |" in text
     assert "| GPU driver | 000.00 (synthetic) |" in text and "132 SMs" in text
     assert "| attention_fwd | table 3 | 2400 | BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3 |" in text
+    assert "Accuracy: not judged (these results record no tolerances" in text
     for kind in ("throughput", "speedup", "roofline"):
         image = tmp_path / f"attention-fwd-{kind}.png"
         assert image.stat().st_size > 1000 and f"]({image.name})" in text
@@ -123,3 +151,71 @@ def test_report_refuses_mixed_devices(tmp_path, capsys):
         main(["report", str(first), str(second), "--out", str(tmp_path / "merged")])
     assert exit_info.value.code == 2
     assert "different devices" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+def _judged(tritium_err: float, reference_err: float | None = 0.00390625) -> list[dict]:
+    """The recorded rows (bfloat16) with tritium's error in CASE set to tritium_err and
+    sdpa-flash's (PyTorch in bfloat16: the accuracy reference) to reference_err, judged."""
+    _, recorded = results.load(RECORDED)
+    errors = {(CASE, "tritium"): tritium_err, (CASE, "sdpa-flash"): reference_err}
+    rows = [dict(r, dtype="bfloat16", max_abs_err=errors.get((r["case"], r["backend"]), r["max_abs_err"]))
+            for r in recorded]
+    for case in ordered(r["case"] for r in rows):
+        accuracy.judge([r for r in rows if r["case"] == case], "sdpa-flash")
+    return rows
+
+
+def _tritium_row(rows: list[dict]) -> dict:
+    return next(r for r in rows if (r["case"], r["backend"]) == (CASE, "tritium"))
+
+
+def test_tolerance_is_twice_pytorchs_error_plus_a_floor():
+    bound = 2 * 0.00390625 + accuracy.FLOOR[torch.bfloat16]
+    at_bound, over, nan = _tritium_row(_judged(bound)), _tritium_row(_judged(0.577)), _tritium_row(_judged(float("nan")))
+    assert at_bound["tolerance"] == over["tolerance"] == pytest.approx(0.0238125)
+    assert at_bound["accuracy_failed"] is False and over["accuracy_failed"] and nan["accuracy_failed"]
+    assert sum(r["accuracy_failed"] for r in _judged(0.577)) == 1
+    # Without PyTorch's error the per-dtype bound stands in.
+    unscaled = _tritium_row(_judged(0.1, reference_err=None))
+    assert unscaled["tolerance"] == accuracy.BOUND[torch.bfloat16] and not unscaled["accuracy_failed"]
+
+
+def test_report_marks_and_counts_accuracy_failures(tmp_path):
+    metadata, _ = results.load(RECORDED)
+    results.save(tmp_path, metadata, _judged(0.577))
+    main(["report", str(tmp_path)])
+    text = (tmp_path / "README.md").read_text()
+    assert "**Accuracy: 1 of 6 rows failed accuracy (1 of them tritium's).**" in text
+    assert f"| attention | fwd | {CASE} | tritium | 0.577 | 0.0238 |" in text
+    marked = [line for line in text.splitlines() if "**accuracy FAIL**: err" in line]
+    assert len(marked) == 1 and marked[0].startswith(f"| {CASE} |") and "err 0.577 > tol 0.0238" in marked[0]
+    assert "| accuracy (error within tolerance) | | **FAIL** in 1 of 3 | ok (3 of 3) |" in text
+
+
+def test_report_within_tolerance_marks_nothing(tmp_path):
+    metadata, _ = results.load(RECORDED)
+    results.save(tmp_path, metadata, _judged(0.0078125))
+    main(["report", str(tmp_path)])
+    text = (tmp_path / "README.md").read_text()
+    assert "**Accuracy: all 6 rows with an error are within their tolerance.**" in text
+    assert "**accuracy FAIL**: err" not in text and "| ok (3 of 3) | ok (3 of 3) |" in text
+
+
+def test_run_exits_1_after_writing_when_tritium_fails_accuracy(tmp_path, fake_suite, capsys):
+    fake_suite(tritium_error=0.1)
+    assert main(["run", "--suite", "fake", "--device", "cpu", "--out", str(tmp_path)]) == 1
+    rows = {r["backend"]: r for r in results.load(tmp_path / "results.json")[1]}
+    assert rows["tritium"]["accuracy_failed"] and rows["tritium"]["tolerance"] == accuracy.FLOOR[torch.float32]
+    assert rows["eager"]["accuracy_failed"] is False and rows["fastattn"]["accuracy_failed"] is None
+    assert "**accuracy FAIL**: err 0.1 > tol 1e-05" in (tmp_path / "README.md").read_text()
+    err = capsys.readouterr().err
+    assert "1 tritium row(s) failed accuracy" in err and "double · fwd · n8 · tritium: max abs error 0.1 > " in err
+
+
+def test_run_exits_0_when_only_a_peer_fails_accuracy(tmp_path, fake_suite):
+    fake_suite(peer_error=0.1)
+    assert main(["run", "--suite", "fake", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert "**Accuracy: 1 of 3 rows failed accuracy (0 of them tritium's).**" in (tmp_path / "README.md").read_text()

@@ -7,11 +7,12 @@ from benchmarks.__main__ import main
 
 def test_run_and_report(tmp_path):
     out = tmp_path / "run"
-    main(["run", "--suite", "attention", "--filter", "decode-b2", "--device", "cpu", "--out", str(out)])
+    assert main(["run", "--suite", "attention", "--filter", "decode-b2", "--device", "cpu", "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]
     tritium_rows = [r for r in rows if r["backend"] == "tritium"]
     assert tritium_rows and all(r["ms_p50"] > 0 and r["max_abs_err"] < 1e-2 for r in tritium_rows)
+    assert all(r["accuracy_failed"] is False and r["tolerance"] > r["max_abs_err"] for r in tritium_rows)
     assert all(r["reproduce"].startswith("python -m benchmarks run") for r in rows)
     assert {"README.md", "results.csv"} <= {p.name for p in out.iterdir()}
     assert any(p.suffix == ".png" for p in out.iterdir())

@@ -1,6 +1,7 @@
 """BigBird block-sparse suite: tritium against transformers' BigBirdPegasus block-sparse
-attention (the baseline), its original_full path (dense attention with the padding mask),
-tritium's dense flash attention, and FlexAttention with the equivalent block mask.
+attention (the baseline, whose error sets the accuracy tolerance), its original_full path
+(dense attention with the padding mask), tritium's dense flash attention, and
+FlexAttention with the equivalent block mask.
 
 BigBird-Pegasus-large shape: 16 heads, head_dim 64; transformers' eval layout (every random
 block is block 0, counted r more times), a padded tail on the last sequence.
@@ -157,5 +158,5 @@ register(Operator(
               Backend("original_full", _original_full, exact=False),
               Backend("tritium-dense", _flash_dense, exact=False), Backend("flex", _flex)),
     baseline={"cuda": "transformers", "cpu": "transformers"}, flops=_flops, nbytes=_bytes, error=_error,
-    grad_inputs=("q", "k", "v"),
+    grad_inputs=("q", "k", "v"), accuracy_reference="transformers",
 ))

@@ -9,7 +9,9 @@ attention). Decode: one token against a DynamicCache holding `context` tokens, p
 by the same backend, restored to that state before every timed step.
 
 Error: against the same weights in float64 under "eager" (the float64 copy runs on the
-same device; eager is the exact definition, softcap included). SDPA would drop Gemma 2's
+same device; eager is the exact definition, softcap included). Eager in the model's dtype
+is the accuracy reference: its error, which grows with the logits' scale and the depth,
+sets every row's tolerance (benchmarks/accuracy.py). SDPA would drop Gemma 2's
 attention softcap, so it is timed as a reference point only (exact=False); transformers
 5.23 refuses "sdpa" for Gemma 2 altogether, which the row notes.
 """

@@ -2,13 +2,13 @@
 the linear shapes of Gemma 2 (2B, 9B, 27B) and GLM-4 9B, from one token to 4096.
 
 Backends: tritium's fused dequant-matmul; dequantize-then-matmul (tritium.nf4.dequantize
-+ torch.matmul); bitsandbytes' matmul_4bit (skipped where it is not installed); and the
-baseline, torch.matmul with the unquantized weight in the activation dtype (bf16 cuBLAS
-on the GPU; a different function, so no accuracy). Few tokens are bound by the weight
-read: `nf4_decode` leads with GB/s of the 4.5-bit weight (the least traffic of the
-quantized op, whichever backend reads it) as % of peak; many tokens are bound by the
-GEMM: `nf4_prefill` leads with TFLOP/s. `nf4_train` times forward + the x-gradient
-(frozen weight, QLoRA) at one shape.
++ torch.matmul, whose error sets the accuracy tolerance); bitsandbytes' matmul_4bit
+(skipped where it is not installed); and the baseline, torch.matmul with the unquantized
+weight in the activation dtype (bf16 cuBLAS on the GPU; a different function, so no
+accuracy). Few tokens are bound by the weight read: `nf4_decode` leads with GB/s of the
+4.5-bit weight (the least traffic of the quantized op, whichever backend reads it) as %
+of peak; many tokens are bound by the GEMM: `nf4_prefill` leads with TFLOP/s. `nf4_train`
+times forward + the x-gradient (frozen weight, QLoRA) at one shape.
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ BACKENDS = (
     Backend("bitsandbytes", _bitsandbytes), Backend("dense", _dense, exact=False),
 )
 _COMMON = {"suite": SUITE, "inputs": _inputs, "backends": BACKENDS, "baseline": {"cuda": "dense", "cpu": "dense"},
-           "flops": _flops, "nbytes": _bytes, "error": _error, "x_name": "tokens"}
+           "flops": _flops, "nbytes": _bytes, "error": _error, "accuracy_reference": "dequantize+matmul",
+           "x_name": "tokens"}
 
 register(Operator(name="nf4_decode", modes=("fwd",), headline="gbps",
                   cases=_cases(DECODE_TOKENS, [("tiny", 1, (128, 96)), ("tiny", 4, (256, 64))]), **_COMMON))
