@@ -14,6 +14,17 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 # The interpreter's tl.dot multiplies bfloat16 bit patterns: bfloat16 is tested on GPU only.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+# head_dims the attention kernels pad to BLOCK_D (a power of two >= 16): below tl.dot's
+# minimum of 16, and between powers of two.
+PADDED_HEAD_DIMS = (4, 8, 12, 24, 40, 72, 80, 96, 160, 192)
+
+
+def nan_padded(shape, dtype) -> torch.Tensor:
+    """Random values of `shape`, a view of a buffer whose last dim is 16 wider and NaN there:
+    a kernel that loads past the view's last dim gets NaN into its result."""
+    buffer = torch.full((*shape[:-1], shape[-1] + 16), float("nan"), device=DEVICE, dtype=dtype)
+    buffer[..., : shape[-1]] = torch.randn(shape, device=DEVICE, dtype=dtype)
+    return buffer[..., : shape[-1]]
 
 
 def pytest_collection_modifyitems(config, items):

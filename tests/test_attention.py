@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from accuracy import assert_close
-from conftest import DEVICE, DTYPES
+from conftest import DEVICE, DTYPES, PADDED_HEAD_DIMS, nan_padded
 
 import tritium
 from tritium import autotune, reference
@@ -93,6 +93,17 @@ def test_forward_backward(name, dtype):
     q, k, v, mask = make_inputs(case, dtype)
     dout = torch.randn(q.shape, device=DEVICE, dtype=dtype)
     check_against_reference(q, k, v, mask, options(case), dout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", (1, *PADDED_HEAD_DIMS))
+def test_padded_head_dims(head_dim, dtype):
+    """The forward, dQ and dK/dV kernels on head_dims padded to BLOCK_D, over masked and
+    unmasked key blocks, with GQA. q, k, v and dout are NaN past head_dim: a load of a
+    padded column would show as NaN."""
+    q = nan_padded((1, 20, 2, head_dim), dtype).requires_grad_()
+    k, v = (nan_padded((1, 70, 1, head_dim), dtype).requires_grad_() for _ in range(2))
+    check_against_reference(q, k, v, None, dict(causal=True), nan_padded(q.shape, dtype))
 
 
 def test_rows_without_keys_give_zero_and_finite_grads():

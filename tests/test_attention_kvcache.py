@@ -3,7 +3,7 @@
 import pytest
 import torch
 from accuracy import assert_close
-from conftest import DEVICE, DTYPES, ON_GPU
+from conftest import DEVICE, DTYPES, ON_GPU, PADDED_HEAD_DIMS, nan_padded
 
 import tritium
 from tritium import reference
@@ -64,6 +64,27 @@ def test_kvcache_matches_full_attention(name, dtype):
     assert_close("out", out, same, truth, dtype)
     full = tritium.flash_attention(q[1:2], k_cache[1:2, : lengths[1]], v_cache[1:2, : lengths[1]], return_lse=True, **opts)
     assert torch.allclose(lse[1:2], full[1], atol=1e-4), "lse differs from the prefill kernel's"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", (1, *PADDED_HEAD_DIMS))
+def test_padded_head_dims(head_dim, dtype):
+    """Append, packed split-KV forward and combine on head_dims padded to BLOCK_D. q and
+    the caches are NaN past head_dim, so a load of a padded column shows in out; the new
+    k/v are not, so an append that stored past head_dim would overwrite a NaN column."""
+    batch, max_seqlen, heads_q, heads_kv, seqlen_new = 2, 80, 4, 2, 2
+    k_cache, v_cache = (nan_padded((batch, max_seqlen, heads_kv, head_dim), dtype) for _ in range(2))
+    q = nan_padded((batch, seqlen_new, heads_q, head_dim), dtype)
+    k_new, v_new = (torch.randn(batch, seqlen_new, heads_kv, head_dim, device=DEVICE, dtype=dtype) for _ in range(2))
+    cached = torch.tensor([5, 61], dtype=torch.int32, device=DEVICE)
+    appended = [cache.clone() for cache in (k_cache, v_cache)]
+    for b, n in enumerate(cached.tolist()):
+        appended[0][b, n : n + seqlen_new], appended[1][b, n : n + seqlen_new] = k_new[b], v_new[b]
+    out = tritium.flash_attention_with_kvcache(q, k_cache, v_cache, cached, k=k_new, v=v_new)
+    assert torch.equal(k_cache, appended[0]) and torch.equal(v_cache, appended[1])
+    assert all(cache._base[..., head_dim:].isnan().all() for cache in (k_cache, v_cache)), "a store strayed"
+    truth, same = expected(q, k_cache, v_cache, (cached + seqlen_new).tolist(), dict(causal=True))
+    assert_close("out", out, same, truth, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

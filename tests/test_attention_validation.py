@@ -57,11 +57,26 @@ def test_flash_attention_errors(changes, error, words):
     assert words in str(info.value)
 
 
-@pytest.mark.parametrize("head_dim", [8, 272])
-def test_head_dim_out_of_range(head_dim):
+ATTENTION_OPS = {
+    "flash_attention": tritium.flash_attention,
+    "kvcache": lambda q, k, v: tritium.flash_attention_with_kvcache(q, k, v, 0),
+    "block_sparse": lambda q, k, v: tritium.block_sparse_attention(q, k, v, block_size=16, num_random_blocks=1),
+}
+
+
+@pytest.mark.parametrize("op", list(ATTENTION_OPS))
+@pytest.mark.parametrize("head_dim", [0, 257])
+def test_head_dim_out_of_range(head_dim, op):
     q, k, v = qkv(d=head_dim)
-    with pytest.raises(ValueError, match=r"head_dim must be in \[16, 256\], got " + str(head_dim)):
-        tritium.flash_attention(q, k, v)
+    with pytest.raises(ValueError, match=r"q: head_dim must be in \[1, 256\], got " + str(head_dim)):
+        ATTENTION_OPS[op](q, k, v)
+
+
+@pytest.mark.parametrize("head_dim", [1, 2, 3, 17, 255, 256])
+def test_head_dim_in_range(head_dim):
+    q, k, v = qkv(b=1, sq=3, sk=5, d=head_dim)
+    out = tritium.flash_attention(q, k, v, causal=True)
+    assert out.shape == q.shape and torch.isfinite(out).all()
 
 
 def test_wrong_device_type():

@@ -30,10 +30,8 @@ from tritium.kernels.online_softmax import (
     score_scales,
     window_reach,
 )
-from tritium.kernels.validation import check_dim, check_float, check_like, check_tensor
+from tritium.kernels.validation import check_dim, check_float, check_head_dim, check_like, check_tensor
 from tritium.runtime import cdiv, custom_op, run_function
-
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 
 @triton.jit
@@ -187,9 +185,8 @@ def check_attention_args(
     check_tensor(v_name, v, shape="(batch, seqlen_k, heads_kv, head_dim)", ndim=4)
     check_like(k_name, k, "q", q)
     check_like(v_name, v, "q", q)
+    check_head_dim("q", q)
     batch, _, heads_q, head_dim = q.shape
-    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"q: head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
     check_dim(k_name, k, 0, batch, "batch (as q)")
     check_dim(k_name, k, 3, head_dim, "head_dim (as q)")
     if tuple(v.shape) != tuple(k.shape):
@@ -338,7 +335,7 @@ def flash_attention(
     """Exact softmax attention without materialising the scores; differentiable.
 
     q: (batch, seqlen_q, heads_q, head_dim); k, v: (batch, seqlen_k, heads_kv, head_dim),
-    any strides, heads_q a multiple of heads_kv (GQA/MQA), head_dim in [16, 256];
+    any strides, heads_q a multiple of heads_kv (GQA/MQA), head_dim in [1, 256];
     float16, bfloat16 or float32, accumulated in float32.
 
     causal: mask aligned bottom-right (query i sits at position i + seqlen_k - seqlen_q).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from tritium.autotune import Config
+from tritium.kernels.online_softmax import head_block
 from tritium.runtime import pow2
 
 INTERPRETER = Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
@@ -43,7 +44,7 @@ def fwd_fits(config: Config, bucket: dict) -> bool:
     """Tiles no larger than the rows there are, q plus pipelined K/V tiles in shared
     memory, the output accumulator in registers."""
     block_m, block_n = config.meta["BLOCK_M"], config.meta["BLOCK_N"]
-    block_d = pow2(bucket["head_dim"], 16, 256)
+    block_d = head_block(bucket["head_dim"])
     rows = bucket["seqlen_q"] * bucket["pack"]
     if block_m > max(16, rows) or (rows >= 256 and block_m < 64):
         return False
@@ -54,7 +55,7 @@ def fwd_fits(config: Config, bucket: dict) -> bool:
 def bwd_fits(config: Config, bucket: dict) -> bool:
     """dK/dV (or dQ) accumulators in registers, the streamed tiles in shared memory."""
     block_m, block_n = config.meta["BLOCK_M"], config.meta["BLOCK_N"]
-    block_d = pow2(bucket["head_dim"], 16, 256)
+    block_d = head_block(bucket["head_dim"])
     smem = config.num_stages * 2 * max(block_m, block_n) * block_d * _itemsize(bucket["dtype"])
     acc = 2 * max(block_m, block_n) * block_d
     return smem <= SHARED_MEMORY and acc <= ACC_REGISTERS * 32 * config.num_warps

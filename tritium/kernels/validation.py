@@ -11,6 +11,9 @@ import torch
 from tritium.runtime import interpreted
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# FlashAttention's limit. Any smaller head_dim works: the kernels pad it to a power of two
+# >= 16 (tl.dot's minimum) with masked loads and stores.
+MAX_HEAD_DIM = 256
 
 
 def _dtype_names(dtypes) -> str:
@@ -54,6 +57,12 @@ def check_dim(name: str, x: torch.Tensor, dim: int, expected: int, what: str) ->
         raise ValueError(
             f"{name}: expected {what} = {expected} at dim {dim}, got shape {tuple(x.shape)}"
         )
+
+
+def check_head_dim(name: str, x: torch.Tensor) -> None:
+    """The attention head_dim, x's last dim, must be in [1, MAX_HEAD_DIM]."""
+    if not 1 <= x.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head_dim must be in [1, {MAX_HEAD_DIM}], got {x.shape[-1]}")
 
 
 def check_float(name: str, value, *, minimum: float = -math.inf, strict: bool = False, note: str = "") -> None:
