@@ -1,7 +1,9 @@
-"""tritium.hf.apply(model, rope=True): Gemma2Attention / Glm4Attention forwards that rotate
-q and k with tritium's kernel (Gemma 2: halves, full head_dim; GLM-4: interleaved pairs,
-half of head_dim), against the unpatched model under "eager": logits, greedy generate,
-training gradients; and revert, per model and exact. Tiny float32 models from test_hf."""
+"""tritium.hf.apply(model, rope=True): the rotation inside Gemma2Attention / Glm4Attention on
+tritium's kernel (Gemma 2: halves, full head_dim; GLM-4: interleaved pairs, half of
+head_dim) through the swapped module-level apply_rotary_pos_emb, against the unpatched
+model under "eager": logits and training gradients (generation: test_hf_generate); the
+swap reaches patched models only; revert, per model and exact. Tiny float32 models from
+test_hf."""
 
 import inspect
 
@@ -57,17 +59,6 @@ def test_rope_false_leaves_attention_untouched(family):
 
 
 @pytest.mark.parametrize("family", ROPE_FAMILIES)
-def test_greedy_generate_left_padded(family):
-    """DynamicCache decode: each new token rotated at its own position (the padded row's
-    positions start after its padding), in place (generate runs without grad)."""
-    model = eager_model(family)
-    ids, mask = padded_batch(8)
-    options = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    expected = model.generate(**options)
-    assert torch.equal(tritium.hf.apply(model).generate(**options), expected)
-
-
-@pytest.mark.parametrize("family", ROPE_FAMILIES)
 def test_training_gradients(family):
     """Out-of-place rotation, its backward through the kernel. Right padding (see test_hf)."""
     model = eager_model(family).train()
@@ -107,3 +98,34 @@ def test_one_signature_across_families():
     signatures = {name: inspect.signature(fn) for name, fn in tritium.hf.MODEL_TYPE_TO_APPLY.items()}
     expected = ["model", "attention", "norms", "mlp", "rope", "nf4"]
     assert all(list(s.parameters) == expected for s in signatures.values()), signatures
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+def test_swap_reaches_patched_models_only(family):
+    """Two models of one family: while one is patched, the other still runs transformers'
+    rotation (bit for bit as before); the module-level function comes back with the last
+    revert."""
+    import sys
+
+    patched, bystander = eager_model(family), eager_model(family)
+    modeling = sys.modules[type(attention_modules(patched)[0]).__module__]
+    original = modeling.apply_rotary_pos_emb
+    ids = torch.randint(3, 100, (1, 6), device=DEVICE)
+    calls = []
+    with torch.no_grad():
+        before = bystander(input_ids=ids).logits
+        tritium.hf.apply(patched, attention=False, norms=False, mlp=False)
+        tritium.hf.apply(eager_model(family), attention=False, norms=False, mlp=False)  # a second holder
+        assert modeling.apply_rotary_pos_emb is not original
+        real_rotary = tritium.hf.rotary.apply_rotary
+        tritium.hf.rotary.apply_rotary = lambda *a, **k: calls.append(1) or real_rotary(*a, **k)
+        try:
+            during = bystander(input_ids=ids).logits
+            assert not calls
+            patched(input_ids=ids)
+            assert len(calls) == len(attention_modules(patched))
+        finally:
+            tritium.hf.rotary.apply_rotary = real_rotary
+        tritium.hf.revert(patched)
+    assert torch.equal(during, before)
+    assert modeling.apply_rotary_pos_emb is not original  # the second model still holds it

@@ -15,14 +15,17 @@ tritium's kernels:
 from __future__ import annotations
 
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.integrations.flash_attention import flash_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from tritium.hf.attention import NAME, tritium_attention, tritium_mask
+from tritium.hf.attention import ATTENTION_PARAMETERS, MASK_PARAMETERS, NAME, tritium_attention, tritium_mask
+from tritium.hf.compat import NEWEST, OLDEST, UnsupportedTransformers, check_parameters
 from tritium.hf.patch import (
     MODEL_TYPE_TO_APPLY,
     apply,
     apply_tritium_to_bert_generation,
     apply_tritium_to_bigbird_pegasus,
+    apply_tritium_to_encoder_decoder,
     apply_tritium_to_gemma2,
     apply_tritium_to_glm4,
     apply_tritium_to_mvp,
@@ -32,9 +35,13 @@ from tritium.hf.patch import (
 __all__ = [
     "MODEL_TYPE_TO_APPLY",
     "NAME",
+    "NEWEST",
+    "OLDEST",
+    "UnsupportedTransformers",
     "apply",
     "apply_tritium_to_bert_generation",
     "apply_tritium_to_bigbird_pegasus",
+    "apply_tritium_to_encoder_decoder",
     "apply_tritium_to_gemma2",
     "apply_tritium_to_glm4",
     "apply_tritium_to_mvp",
@@ -45,7 +52,12 @@ __all__ = [
 
 def register() -> None:
     """Register "tritium" in transformers' AttentionInterface and AttentionMaskInterface
-    (global mappings, so every model sees it). Idempotent."""
+    (global mappings, so every model sees it). Idempotent.
+
+    Raises UnsupportedTransformers when transformers' own flash_attention_2 functions, whose
+    calling convention "tritium" shares, take other arguments than it was written for."""
+    check_parameters(flash_attention_forward, [ATTENTION_PARAMETERS], prefix=True)
+    check_parameters(flash_attention_mask, [MASK_PARAMETERS], prefix=True)
     AttentionInterface.register(NAME, tritium_attention)
     AttentionMaskInterface.register(NAME, tritium_mask)
 

@@ -18,6 +18,15 @@ from tritium.kernels.attention_kvcache import flash_attention_with_kvcache
 
 NAME = "tritium"
 
+# The leading parameters of transformers' flash_attention_2 attention and mask functions,
+# whose calling convention these share (checked when registering: tritium.hf.register).
+ATTENTION_PARAMETERS = ("module", "query", "key", "value", "attention_mask", "dropout", "scaling", "sliding_window",
+                        "softcap", "is_causal")
+MASK_PARAMETERS = ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "mask_function", "attention_mask")
+# Attention-interface arguments some models pass that change the result and that the
+# kernels do not implement: refused when set, never ignored.
+UNSUPPORTED_ARGUMENTS = ("s_aux", "sinks", "position_bias", "head_mask", "cu_seq_lens_q", "cu_seq_lens_k")
+
 # BigBird-Pegasus: the encoder's "original_full" attention computes scores itself and adds
 # the mask made for `config._attn_implementation`, and the decoder's self-attention module
 # has is_causal=False (eager gets causality from the mask). So its masks carry both facts
@@ -25,7 +34,7 @@ NAME = "tritium"
 # float mask; causal -> a (b, 1, 1, kv) bool key padding mask meaning "causal".
 MASKS_CARRY_CAUSALITY = {"bigbird_pegasus"}
 
-# Families that never call the interface in transformers 5.23: "tritium" would only swap
+# Families that never call the interface in transformers: "tritium" would only swap
 # their masks for ones their eager code cannot use. `tritium.hf.apply` patches them instead.
 NOT_ROUTED = {"mvp": "MvpAttention computes attention itself (bmm + 4-D additive mask)"}
 
@@ -111,6 +120,10 @@ def tritium_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """AttentionInterface entry. query (batch, heads_q, seq_q, dim), key/value (batch,
     heads_kv, seq_k, dim), heads_kv dividing heads_q (GQA without repeat_kv). Returns
     (out (batch, seq_q, heads_q, dim), None)."""
+    unsupported = [name for name in UNSUPPORTED_ARGUMENTS if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(f'attn_implementation="{NAME}" does not implement {", ".join(unsupported)} (given by '
+                         f"{type(module).__name__}); use another attn_implementation for this model")
     if kwargs.get("output_attentions"):
         raise ValueError(f'attn_implementation="{NAME}" never materialises attention weights; use "eager" for '
                          "output_attentions=True")

@@ -2,65 +2,119 @@
 rotary embeddings (Gemma 2, GLM-4), bitsandbytes' nf4 Linear4bit layers, and the attention
 modules that bypass transformers' AttentionInterface (MVP's, BigBird-Pegasus' encoder,
 "original_full" or "block_sparse"); the rest of the attention goes through
-attn_implementation.
+attn_implementation. An EncoderDecoderModel (bert2bert, roberta2roberta) is patched
+through its encoder and decoder.
 
-transformers rotates q and k with a module-level `apply_rotary_pos_emb` inside the
-attention forward; patching that function would change every model in the process, so
-`rope` replaces each attention module's forward instead (the same steps, the rotation on
-tritium's kernel, whatever attn_implementation is set).
+Each patch takes the narrowest seam transformers offers, and `tritium.hf.compat` checks
+that seam against the installed version before anything is patched:
+- a module-level function its forwards call (`apply_rotary_pos_emb`: tritium.hf.rotary)
+  is swapped, and reaches only the patched models' modules;
+- a module whose whole forward is one op (norms, MLPs, Linear4bit) gets a forward that
+  calls the kernel;
+- attention computed inline (MVP, BigBird-Pegasus' encoder: tritium.hf.seq2seq) gets a
+  replacement forward written for the forward's checked parameters.
 
-A patch replaces a module's `forward` by an instance attribute (or swaps a parameterless
-activation module for nn.Identity when its activation moves into a GEMM epilogue). The
-parameters, their names and their tensors are never touched, so checkpoints, optimizers
-and state_dict see the same model, and `revert` restores it exactly by undoing the
-recorded attribute changes.
+A patch sets an instance attribute (`forward` shadows the class's), swaps a parameterless
+activation module for nn.Identity when its activation moves into a GEMM epilogue, or
+swaps a module-level function. The parameters, their names and their tensors are never
+touched, so checkpoints, optimizers and state_dict see the same model. `apply` is all or
+nothing (a refusal leaves the model as it was), and `revert` restores it exactly.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
+from collections.abc import Callable
 from functools import partial
 
-import numpy as np
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from tritium.hf.attention import NAME, tritium_attention
-from tritium.kernels.block_sparse import block_sparse_attention
+from tritium.hf import compat, rotary, seq2seq
+from tritium.hf.attention import NAME
 from tritium.kernels.mlp import gated_mlp, linear
 from tritium.kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight
 from tritium.kernels.nf4 import matmul as nf4_matmul
 from tritium.kernels.norm import layer_norm, rms_norm
-from tritium.kernels.rope import apply_rotary
 from tritium.models.mlp import activation_from_hf
 
 _ABSENT = object()
-# model -> [(object, attribute, previous value or _ABSENT)], in patch order.
+# module -> the undo functions of the patches applied through it, in patch order.
 _PATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# (modeling module name, function name) -> [transformers' function, models holding the swap].
+_SWAPS: dict[tuple[str, str], list] = {}
+
+
+def _record(model: nn.Module, undo: Callable[[], None]) -> None:
+    _PATCHES.setdefault(model, []).append(undo)
 
 
 def _set(model: nn.Module, obj, attr: str, value) -> None:
     """setattr, remembering what to restore. An instance `forward` shadows the class's."""
     previous = obj.__dict__.get(attr, _ABSENT) if attr == "forward" else getattr(obj, attr)
-    _PATCHES.setdefault(model, []).append((obj, attr, previous))
+    _record(model, lambda: delattr(obj, attr) if previous is _ABSENT else setattr(obj, attr, previous))
     setattr(obj, attr, value)
 
 
+def _swap_global(model: nn.Module, namespace, name: str, make: Callable[[Callable], Callable]) -> None:
+    """namespace.name = make(transformers' function), once however many models ask; the
+    original comes back when the last of them is reverted."""
+    key = (namespace.__name__, name)
+    if key not in _SWAPS:
+        original = getattr(namespace, name)
+        _SWAPS[key] = [original, 0]
+        setattr(namespace, name, make(original))
+    _SWAPS[key][1] += 1
+
+    def undo():
+        _SWAPS[key][1] -= 1
+        if _SWAPS[key][1] == 0:
+            setattr(namespace, name, _SWAPS.pop(key)[0])
+
+    _record(model, undo)
+
+
+def _undo(model: nn.Module, keep: dict | None = None) -> None:
+    """Undo, newest first, the patches recorded through model and its submodules, all of
+    them or those past keep[module] (a count taken before a failed apply)."""
+    for module in model.modules():
+        undos = _PATCHES.get(module, [])
+        while len(undos) > (keep or {}).get(module, 0):
+            undos.pop()()
+
+
 def revert(model: nn.Module) -> None:
-    """Undo every patch `apply` made to model (attention implementation included)."""
-    for obj, attr, previous in reversed(_PATCHES.pop(model, [])):
-        if attr == "attn_implementation":
-            obj.set_attn_implementation(previous)
-        elif previous is _ABSENT:
-            delattr(obj, attr)
-        else:
-            setattr(obj, attr, previous)
+    """Undo every patch `apply` made to model (attention implementation included), and to
+    its submodules (an EncoderDecoderModel's halves)."""
+    _undo(model)
+
+
+def _all_or_nothing(apply_fn):
+    """A refused apply (bad option, unsupported transformers) leaves the model as it was."""
+    @functools.wraps(apply_fn)
+    def wrapper(model, **options):
+        keep = {module: len(_PATCHES.get(module, [])) for module in model.modules()}
+        try:
+            return apply_fn(model, **options)
+        except BaseException:
+            _undo(model, keep)
+            raise
+    return wrapper
 
 
 def _patch_attention(model: nn.Module) -> None:
-    _PATCHES.setdefault(model, []).append((model, "attn_implementation", model.config._attn_implementation))
+    """attn_implementation="tritium" for model and for every config its modules hold: inside
+    an EncoderDecoderModel, BertGenerationEncoder's layers keep a config of their own that
+    set_attn_implementation does not reach (they would pair "tritium" masks with sdpa)."""
+    previous = model.config._attn_implementation
+    _record(model, lambda: model.set_attn_implementation(previous))
     model.set_attn_implementation(NAME)
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None),
+                                                                        "_attn_implementation")}
+    for config in configs.values():
+        if config._attn_implementation != NAME:
+            _set(model, config, "_attn_implementation", NAME)
 
 
 # Patched forwards: module first (bound with partial), then what the original took.
@@ -135,122 +189,6 @@ def _dense(module: nn.Module) -> bool:
     return all(m.weight.is_floating_point() for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def _key_padding(additive_mask):
-    """(batch, kv) bool from eager's additive (batch, 1, q, kv) mask. Its last query row sees
-    every key but the padded ones, causal or not (the query is the newest token)."""
-    return None if additive_mask is None else additive_mask[:, 0, -1, :] == 0
-
-
-def _bigbird_full_self_attention(module, hidden_states, attention_mask=None, **kwargs):
-    # BigBirdPegasusSelfAttention (the encoder's "original_full"), which computes scores
-    # itself instead of calling the attention interface. Bidirectional.
-    shape = (*hidden_states.shape[:-1], -1, module.attention_head_size)
-    q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (module.query, module.key, module.value))
-    out, _ = tritium_attention(module, q, k, v, _key_padding(attention_mask), is_causal=False,
-                               dropout=module.dropout.p if module.training else 0.0, **kwargs)
-    return out.reshape(*hidden_states.shape[:-1], -1), None
-
-
-def _transformers_rand_attn(module, seqlen: int, device) -> torch.Tensor:
-    """The training-mode rand_attn (heads, seqlen / block_size - 2, r) that
-    BigBirdPegasusBlockSparseAttention draws, drawn the same way (its own numpy helpers, the
-    global numpy RNG seeded with the layer's seed, as its forward does), so training matches
-    eager exactly. Host-side numpy: not capturable in a CUDA graph."""
-    size, r, heads = module.block_size, module.num_random_blocks, module.num_attention_heads
-    np.random.seed(module.seed)
-    if seqlen in (1024, 3072, 4096):  # transformers' "old plans used in paper"
-        rows = [module._bigbird_block_rand_mask(module.max_seqlen, module.max_seqlen, size, size, r,
-                                                last_idx=1024)[: seqlen // size - 2] for _ in range(heads)]
-    else:
-        plan_from_length, plan_num_rand_blocks = module._get_rand_attn_plan(seqlen, size, r)
-        rows = module._bigbird_block_rand_mask_with_head(
-            from_seq_length=seqlen, to_seq_length=seqlen, from_block_size=size, to_block_size=size, num_heads=heads,
-            plan_from_length=plan_from_length, plan_num_rand_blocks=plan_num_rand_blocks)
-    return torch.from_numpy(np.stack(rows, axis=0)).to(device=device, dtype=torch.int64)
-
-
-def _bigbird_block_sparse_attention(module, hidden_states, band_mask=None, from_mask=None, to_mask=None,
-                                    from_blocked_mask=None, to_blocked_mask=None, **kwargs):
-    # BigBirdPegasusBlockSparseAttention (the encoder's "block_sparse"). The encoder has
-    # padded the sequence to a multiple of block_size and made (batch, 1, 1, seqlen) to_mask;
-    # the band/blocked masks are views of the same padding. The dense attention probabilities
-    # transformers also returns are never built: None (the encoder layer discards them).
-    batch, seqlen, _ = hidden_states.shape
-    shape = (batch, seqlen, module.num_attention_heads, module.attention_head_size)
-    q, k, v = (proj(hidden_states).view(shape) for proj in (module.query, module.key, module.value))
-    rand_attn = _transformers_rand_attn(module, seqlen, q.device) if module.training else None
-    padding = None if to_mask is None else to_mask[:, 0, 0, :] != 0
-    out = block_sparse_attention(q, k, v, block_size=module.block_size, num_random_blocks=module.num_random_blocks,
-                                 rand_attn=rand_attn, key_padding_mask=padding)
-    return out.reshape(batch, seqlen, -1), None
-
-
-def _mvp_attention(module, causal, hidden_states, key_value_states=None, past_key_values=None, attention_mask=None,
-                   attn_prompt=None, output_attentions=False, **kwargs):
-    # MvpAttention, which computes scores itself; causality comes from its mask in eager,
-    # from the decoder self-attention's `causal` here. Cache handling as MvpAttention's.
-    from transformers.cache_utils import EncoderDecoderCache
-
-    if attn_prompt is not None:
-        raise ValueError(f"{NAME}: MVP's prompt tokens (config.use_prompt) are not supported")
-    batch, seqlen, _ = hidden_states.shape
-    is_cross = key_value_states is not None
-    cache, reuse = past_key_values, False
-    if isinstance(cache, EncoderDecoderCache):
-        reuse = is_cross and bool(cache.is_updated.get(module.layer_idx))
-        cache = cache.cross_attention_cache if is_cross else cache.self_attention_cache
-    if reuse:
-        k, v = cache.layers[module.layer_idx].keys, cache.layers[module.layer_idx].values
-    else:
-        states = key_value_states if is_cross else hidden_states
-        k, v = (proj(states).view(batch, -1, module.num_heads, module.head_dim).transpose(1, 2)
-                for proj in (module.k_proj, module.v_proj))
-        if cache is not None:
-            k, v = cache.update(k, v, module.layer_idx)
-            if is_cross and isinstance(past_key_values, EncoderDecoderCache):
-                past_key_values.is_updated[module.layer_idx] = True
-    padding = _key_padding(attention_mask)
-    if cache is not None and not is_cross:
-        # A static cache returns its whole buffer: causal alignment needs the filled count
-        # (a host sync for StaticLayer, whose count is a tensor).
-        filled = int(cache.layers[module.layer_idx].get_seq_length())
-        k, v = k[:, :, :filled], v[:, :, :filled]
-        padding = None if padding is None else padding[:, :filled]
-    q = module.q_proj(hidden_states).view(batch, seqlen, module.num_heads, module.head_dim).transpose(1, 2)
-    out, _ = tritium_attention(module, q, k, v, padding, is_causal=causal,
-                               scaling=module.scaling, output_attentions=output_attentions,
-                               dropout=module.dropout if module.training else 0.0)
-    return module.out_proj(out.reshape(batch, seqlen, module.embed_dim)), None
-
-
-# Gemma2Attention.forward's extra attention-interface arguments: {argument: module attribute}.
-GEMMA2_ATTENTION_ARGS = {"sliding_window": "sliding_window", "softcap": "attn_logit_softcapping"}
-
-
-def _rotary_attention(module, interleaved, eager_attention, attribute_args, hidden_states, position_embeddings,
-                      attention_mask=None, past_key_values=None, **kwargs):
-    # Gemma2Attention / Glm4Attention.forward (transformers 5.23) with the rotation on
-    # apply_rotary: q and k in one launch, in the (batch, seq, heads, dim) layout the
-    # projections give. transformers' cos/sin (batch or 1, seq, rotary_dim) hold [freqs,
-    # freqs] (GLM-4's apply_rotary_pos_emb too reads only the first half): ours are views of
-    # that half. GLM-4's rotary_dim < head_dim: the rest passes through, as in transformers.
-    shape = (*hidden_states.shape[:-1], -1, module.head_dim)
-    q, k, v = (proj(hidden_states).view(shape) for proj in (module.q_proj, module.k_proj, module.v_proj))
-    cos, sin = (t[..., : t.shape[-1] // 2] for t in position_embeddings)
-    # In place (no copy) unless autograd must see the rotation, where apply_rotary refuses it.
-    inplace = not (q.requires_grad or k.requires_grad)
-    q, k = apply_rotary(q, k, cos, sin, interleaved=interleaved, inplace=inplace)
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, module.layer_idx)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention)
-    extra = {arg: getattr(module, attr) for arg, attr in attribute_args.items()}
-    dropout = module.attention_dropout if module.training else 0.0
-    out, weights = interface(module, q, k, v, attention_mask, dropout=dropout, scaling=module.scaling, **extra,
-                             **kwargs)
-    return module.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
-
-
 def _patch_layer_norms(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) is nn.LayerNorm and len(module.normalized_shape) == 1 and module.elementwise_affine:
@@ -275,68 +213,88 @@ def _patch_forwards(model: nn.Module, module_type: type, forward, *args, dense_o
             _set(model, module, "forward", partial(forward, module, *args))
 
 
+def _patch_rotary(model: nn.Module, modeling, attention_type: type, interleaved: bool) -> None:
+    """The rotation inside each attention_type forward on tritium.apply_rotary, through the
+    modeling file's apply_rotary_pos_emb (see tritium.hf.rotary). The forwards stay
+    transformers': each runs inside rotary_scope."""
+    compat.check_parameters(getattr(modeling, rotary.ROTARY_FUNCTION), rotary.ROTARY_PARAMETERS,
+                            name=f"{modeling.__name__}.{rotary.ROTARY_FUNCTION}")
+    compat.check_calls(attention_type, rotary.ROTARY_FUNCTION)
+    _swap_global(model, modeling, rotary.ROTARY_FUNCTION,
+                 lambda original: partial(rotary.rotary_pos_emb, original, interleaved))
+    for module in model.modules():
+        if isinstance(module, attention_type):
+            _set(model, module, "forward", partial(rotary.rotary_scope, module.forward))
+
+
+def _checked_forwards(model: nn.Module, module_type: type, forward, parameters, *args) -> None:
+    """_patch_forwards for a replacement written for module_type.forward's parameters."""
+    compat.check_forward(module_type, parameters)
+    _patch_forwards(model, module_type, forward, *args)
+
+
+@_all_or_nothing
 def apply_tritium_to_gemma2(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True,
                             rope: bool = True, nf4: bool = False):
     """Gemma 2: attn_implementation="tritium", Gemma2RMSNorm, Gemma2MLP (GeGLU), the rotary
     step of Gemma2Attention (halves, full head_dim)."""
-    from transformers.models.gemma2.modeling_gemma2 import (
-        Gemma2Attention,
-        Gemma2MLP,
-        Gemma2RMSNorm,
-        eager_attention_forward,
-    )
+    from transformers.models.gemma2 import modeling_gemma2 as modeling
 
     if nf4:  # first: it validates every layer before anything is patched
         _patch_linear4bit(model)
     if attention:
         _patch_attention(model)
     if rope:
-        _patch_forwards(model, Gemma2Attention, _rotary_attention, False, eager_attention_forward,
-                        GEMMA2_ATTENTION_ARGS)
+        _patch_rotary(model, modeling, modeling.Gemma2Attention, interleaved=False)
     if norms:
-        _patch_forwards(model, Gemma2RMSNorm, _gemma_rms_norm)
+        _patch_forwards(model, modeling.Gemma2RMSNorm, _gemma_rms_norm)
     if mlp:
-        _patch_forwards(model, Gemma2MLP, _split_gate_up_mlp, activation_from_hf(model.config.hidden_activation),
-                        dense_only=True)
+        _patch_forwards(model, modeling.Gemma2MLP, _split_gate_up_mlp,
+                        activation_from_hf(model.config.hidden_activation), dense_only=True)
     return model
 
 
+@_all_or_nothing
 def apply_tritium_to_glm4(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True,
                           rope: bool = True, nf4: bool = False):
     """GLM-4: attn_implementation="tritium", Glm4RMSNorm, Glm4MLP (SwiGLU, gate_up_proj), the
     rotary step of Glm4Attention (interleaved pairs, partial_rotary_factor of head_dim)."""
-    from transformers.models.glm4.modeling_glm4 import Glm4Attention, Glm4MLP, Glm4RMSNorm, eager_attention_forward
+    from transformers.models.glm4 import modeling_glm4 as modeling
 
     if nf4:  # first: it validates every layer before anything is patched
         _patch_linear4bit(model)
     if attention:
         _patch_attention(model)
     if rope:
-        _patch_forwards(model, Glm4Attention, _rotary_attention, True, eager_attention_forward, {})
+        _patch_rotary(model, modeling, modeling.Glm4Attention, interleaved=True)
     if norms:
-        _patch_forwards(model, Glm4RMSNorm, _llama_rms_norm)
+        _patch_forwards(model, modeling.Glm4RMSNorm, _llama_rms_norm)
     if mlp:
-        _patch_forwards(model, Glm4MLP, _fused_gate_up_mlp, activation_from_hf(model.config.hidden_act),
+        _patch_forwards(model, modeling.Glm4MLP, _fused_gate_up_mlp, activation_from_hf(model.config.hidden_act),
                         dense_only=True)
     return model
 
 
+@_all_or_nothing
 def apply_tritium_to_mvp(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True,
                          rope: bool = True, nf4: bool = False):
-    """MVP: every MvpAttention (encoder, decoder self- and cross-attention; they never call
-    the attention interface, so attn_implementation stays as it is and keeps making
-    eager's masks), LayerNorms, fc1 + activation. No rotary embedding: rope is ignored."""
-    from transformers.models.mvp.modeling_mvp import MvpDecoderLayer, MvpEncoderLayer
+    """MVP: every MvpAttention (encoder, decoder self- and cross-attention, task prompts
+    included; they never call the attention interface, so attn_implementation stays as it
+    is and keeps making eager's masks), LayerNorms, fc1 + activation. No rotary embedding:
+    rope is ignored."""
+    from transformers.models.mvp.modeling_mvp import MvpAttention, MvpDecoderLayer, MvpEncoderLayer
 
     if nf4:  # first: it validates every layer before anything is patched
         _patch_linear4bit(model)
     if attention:
+        compat.check_forward(MvpAttention, seq2seq.MVP_ATTENTION_PARAMETERS)
         for module in model.modules():
             if isinstance(module, (MvpEncoderLayer, MvpDecoderLayer)):
                 causal = isinstance(module, MvpDecoderLayer)
-                _set(model, module.self_attn, "forward", partial(_mvp_attention, module.self_attn, causal))
+                _set(model, module.self_attn, "forward", partial(seq2seq.mvp_attention, module.self_attn, causal))
                 if causal:
-                    _set(model, module.encoder_attn, "forward", partial(_mvp_attention, module.encoder_attn, False))
+                    _set(model, module.encoder_attn, "forward",
+                         partial(seq2seq.mvp_attention, module.encoder_attn, False))
     if norms:
         _patch_layer_norms(model)
     if mlp:
@@ -345,6 +303,7 @@ def apply_tritium_to_mvp(model: nn.Module, *, attention: bool = True, norms: boo
     return model
 
 
+@_all_or_nothing
 def apply_tritium_to_bigbird_pegasus(model: nn.Module, *, attention: bool = True, norms: bool = True,
                                      mlp: bool = True, rope: bool = True, nf4: bool = False):
     """BigBird-Pegasus: attn_implementation="tritium" (decoder self- and cross-attention) and
@@ -366,8 +325,10 @@ def apply_tritium_to_bigbird_pegasus(model: nn.Module, *, attention: bool = True
         _patch_linear4bit(model)
     if attention:
         _patch_attention(model)
-        _patch_forwards(model, BigBirdPegasusSelfAttention, _bigbird_full_self_attention)
-        _patch_forwards(model, BigBirdPegasusBlockSparseAttention, _bigbird_block_sparse_attention)
+        _checked_forwards(model, BigBirdPegasusSelfAttention, seq2seq.bigbird_full_self_attention,
+                          seq2seq.BIGBIRD_FULL_PARAMETERS)
+        _checked_forwards(model, BigBirdPegasusBlockSparseAttention, seq2seq.bigbird_block_sparse_attention,
+                          seq2seq.BIGBIRD_BLOCK_SPARSE_PARAMETERS)
     if norms:
         _patch_layer_norms(model)
     if mlp:
@@ -376,6 +337,7 @@ def apply_tritium_to_bigbird_pegasus(model: nn.Module, *, attention: bool = True
     return model
 
 
+@_all_or_nothing
 def apply_tritium_to_bert_generation(model: nn.Module, *, attention: bool = True, norms: bool = True,
                                      mlp: bool = True, rope: bool = True, nf4: bool = False):
     """BertGeneration: attn_implementation="tritium", LayerNorms, intermediate.dense + act.
@@ -393,27 +355,54 @@ def apply_tritium_to_bert_generation(model: nn.Module, *, attention: bool = True
     return model
 
 
+@_all_or_nothing
+def apply_tritium_to_encoder_decoder(model: nn.Module, *, attention: bool = True, norms: bool = True,
+                                     mlp: bool = True, rope: bool = True, nf4: bool = False):
+    """EncoderDecoderModel (bert2bert, roberta2roberta: BertGenerationEncoder +
+    BertGenerationDecoder, or any pair of supported families): each half patched by its own
+    family's function; refused before anything is patched unless both are supported."""
+    halves = {"encoder": model.encoder, "decoder": model.decoder}
+    for half, module in halves.items():
+        _family_apply(module, f"EncoderDecoderModel's {half}")
+    if nf4:  # the whole model's layers validated first
+        _patch_linear4bit(model)
+    for module in halves.values():
+        _family_apply(module)(module, attention=attention, norms=norms, mlp=mlp, rope=rope, nf4=False)
+    return model
+
+
 MODEL_TYPE_TO_APPLY = {
     "gemma2": apply_tritium_to_gemma2,
     "glm4": apply_tritium_to_glm4,
     "mvp": apply_tritium_to_mvp,
     "bigbird_pegasus": apply_tritium_to_bigbird_pegasus,
     "bert-generation": apply_tritium_to_bert_generation,
+    "encoder-decoder": apply_tritium_to_encoder_decoder,
 }
+
+
+def _family_apply(model: nn.Module, what: str = "apply"):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY:
+        raise ValueError(f"{what}: model_type {model_type!r} has no tritium patches; supported: "
+                         f"{sorted(MODEL_TYPE_TO_APPLY)}")
+    return MODEL_TYPE_TO_APPLY[model_type]
 
 
 def apply(model: nn.Module, **options) -> nn.Module:
     """Patch model with its family's `apply_tritium_to_<family>(model, **options)`
     (options: attention, norms, mlp, rope, nf4; all but nf4 default to True).
-    rope=True: each attention module's forward rotates q and k with
+    rope=True: the rotation inside each attention forward runs on
     tritium.kernels.rope.apply_rotary (Gemma 2, GLM-4; families without rotary embeddings
     ignore it), under whichever attn_implementation the model uses. nf4=True: bitsandbytes'
     nf4 Linear4bit layers compute with tritium.nf4.matmul (their MLPs keep their Linear
-    modules: the fused MLP kernels need dense weights). Patches stack; `revert` undoes them
-    all."""
-    model_type = model.config.model_type
-    if model_type not in MODEL_TYPE_TO_APPLY:
-        raise ValueError(f"apply: model_type {model_type!r} has no tritium patches; supported: "
-                         f"{sorted(MODEL_TYPE_TO_APPLY)}")
-    return MODEL_TYPE_TO_APPLY[model_type](model, **options)
+    modules: the fused MLP kernels need dense weights). An EncoderDecoderModel is patched
+    through its encoder and decoder.
 
+    Every seam is checked against the installed transformers first: code of a shape
+    tritium.hf was not written for raises tritium.hf.UnsupportedTransformers (naming the
+    version and the function) and leaves the model untouched; a transformers outside the
+    tested range whose seams match is patched, with one warning. Patches stack; `revert`
+    undoes them all."""
+    compat.warn_if_untested()
+    return _family_apply(model)(model, **options)
