@@ -217,7 +217,9 @@ def _patch_rotary(model: nn.Module, modeling, attention_type: type, interleaved:
     """The rotation inside each attention_type forward on tritium.apply_rotary, through the
     modeling file's apply_rotary_pos_emb (see tritium.hf.rotary). The forwards stay
     transformers': each runs inside rotary_scope."""
-    compat.check_parameters(getattr(modeling, rotary.ROTARY_FUNCTION), rotary.ROTARY_PARAMETERS,
+    swapped = _SWAPS.get((modeling.__name__, rotary.ROTARY_FUNCTION))
+    transformers_function = swapped[0] if swapped else getattr(modeling, rotary.ROTARY_FUNCTION)
+    compat.check_parameters(transformers_function, rotary.ROTARY_PARAMETERS,
                             name=f"{modeling.__name__}.{rotary.ROTARY_FUNCTION}")
     compat.check_calls(attention_type, rotary.ROTARY_FUNCTION)
     _swap_global(model, modeling, rotary.ROTARY_FUNCTION,
