@@ -183,11 +183,16 @@ def test_tolerance_is_twice_pytorchs_error_plus_a_floor():
     assert unscaled["tolerance"] == accuracy.BOUND[torch.bfloat16] and not unscaled["accuracy_failed"]
 
 
-def test_report_marks_and_counts_accuracy_failures(tmp_path):
+def _report_text(folder, tritium_error: float) -> str:
+    """The Markdown report of the recorded results with tritium's error set to tritium_error."""
     metadata, _ = results.load(RECORDED)
-    results.save(tmp_path, metadata, _judged(0.577))
-    main(["report", str(tmp_path)])
-    text = (tmp_path / "README.md").read_text()
+    results.save(folder, metadata, _judged(tritium_error))
+    main(["report", str(folder)])
+    return (folder / "README.md").read_text()
+
+
+def test_report_marks_and_counts_accuracy_failures(tmp_path):
+    text = _report_text(tmp_path, 0.577)
     assert "**Accuracy: 1 of 6 rows failed accuracy (1 of them tritium's).**" in text
     assert f"| attention | fwd | {CASE} | tritium | 0.577 | 0.0238 |" in text
     marked = [line for line in text.splitlines() if "**accuracy FAIL**: err" in line]
@@ -196,10 +201,7 @@ def test_report_marks_and_counts_accuracy_failures(tmp_path):
 
 
 def test_report_within_tolerance_marks_nothing(tmp_path):
-    metadata, _ = results.load(RECORDED)
-    results.save(tmp_path, metadata, _judged(0.0078125))
-    main(["report", str(tmp_path)])
-    text = (tmp_path / "README.md").read_text()
+    text = _report_text(tmp_path, 0.0078125)
     assert "**Accuracy: all 6 rows with an error are within their tolerance.**" in text
     assert "**accuracy FAIL**: err" not in text and "| ok (3 of 3) | ok (3 of 3) |" in text
 

@@ -94,11 +94,17 @@ def assert_each_step_close(model, steps):
         assert_logits_close(e, o)
 
 
+def grads_of(model, loss):
+    """The gradients of loss(model) for the parameters that get one."""
+    model.zero_grad()
+    loss(model).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
 def loss_grads(model, ids, mask):
     """Parameter gradients of the LM loss, padded label positions ignored."""
-    model.zero_grad()
-    model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return grads_of(model, lambda m: m(input_ids=ids, attention_mask=mask,
+                                       labels=ids.masked_fill(mask == 0, -100)).loss)
 
 
 def assert_grads_close(eager, ours):
@@ -377,13 +383,11 @@ def test_apply_bigbird_block_sparse_training_gradients():
     model.set_attn_implementation("eager")
     kwargs = block_sparse_inputs()
 
-    def grads(m):
-        m.zero_grad()
-        m(**kwargs).logits.square().mean().backward()
-        return {name: p.grad.clone() for name, p in m.named_parameters() if p.grad is not None}
+    def loss(m):
+        return m(**kwargs).logits.square().mean()
 
-    eager = grads(model)
-    assert_grads_close(eager, grads(tritium.hf.apply(model)))
+    eager = grads_of(model, loss)
+    assert_grads_close(eager, grads_of(tritium.hf.apply(model), loss))
 
 
 def quantized_glm4(tmp_path, quant_type="nf4"):

@@ -15,7 +15,17 @@ attention itself, so only `apply` reaches it.
 import pytest
 import torch
 from conftest import DEVICE
-from test_hf import BERT, SEQ2SEQ, assert_grads_close, assert_logits_close, bigbird_pegasus, gemma2, glm4, make
+from test_hf import (
+    BERT,
+    SEQ2SEQ,
+    assert_grads_close,
+    assert_logits_close,
+    bigbird_pegasus,
+    gemma2,
+    glm4,
+    grads_of,
+    make,
+)
 from transformers import (
     BertGenerationConfig,
     BertGenerationDecoder,
@@ -137,15 +147,13 @@ def test_mvp_prompts_lightweight_tuning_gradients():
     inputs = prompt(decoder_only=False, padded=True)
     labels = torch.randint(3, 100, (2, 6), device=DEVICE)
 
-    def grads(m):
-        m.zero_grad()
-        m(**inputs, labels=labels).loss.backward()
-        return {name: p.grad.clone() for name, p in m.named_parameters() if p.grad is not None}
+    def loss(m):
+        return m(**inputs, labels=labels).loss
 
     model.set_attn_implementation("eager")
-    eager = grads(model)
+    eager = grads_of(model, loss)
     assert eager and all("prompt" in name for name in eager)
-    assert_grads_close(eager, grads(tritium.hf.apply(model)))
+    assert_grads_close(eager, grads_of(tritium.hf.apply(model), loss))
 
 
 def test_bert2bert_training_gradients():
@@ -154,14 +162,12 @@ def test_bert2bert_training_gradients():
     inputs = prompt(decoder_only=False, padded=True)
     labels = torch.randint(3, 100, (2, 6), device=DEVICE)
 
-    def grads(m):
-        m.zero_grad()
-        m(**inputs, decoder_input_ids=labels, labels=labels).loss.backward()
-        return {name: p.grad.clone() for name, p in m.named_parameters() if p.grad is not None}
+    def loss(m):
+        return m(**inputs, decoder_input_ids=labels, labels=labels).loss
 
     model.set_attn_implementation("eager")
-    eager = grads(model)
-    assert_grads_close(eager, grads(tritium.hf.apply(model)))
+    eager = grads_of(model, loss)
+    assert_grads_close(eager, grads_of(tritium.hf.apply(model), loss))
 
 
 def test_encoder_decoder_apply_patches_both_halves_and_reverts():
