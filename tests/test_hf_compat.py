@@ -45,6 +45,8 @@ def test_changed_rotary_function_is_refused_untouched(monkeypatch):
 
     model = make(gemma2)
     model.set_attn_implementation("eager")
+    # As in a process where no model holds the swap (earlier tests' models may still).
+    monkeypatch.delitem(tritium.hf.patch._SWAPS, (modeling_gemma2.__name__, "apply_rotary_pos_emb"), raising=False)
     monkeypatch.setattr(modeling_gemma2, "apply_rotary_pos_emb", lambda q, k, cos, sin, position_ids=None: (q, k))
     with pytest.raises(tritium.hf.UnsupportedTransformers, match="apply_rotary_pos_emb.*position_ids"):
         tritium.hf.apply(model)

@@ -103,20 +103,24 @@ def test_one_signature_across_families():
 @pytest.mark.parametrize("family", ROPE_FAMILIES)
 def test_swap_reaches_patched_models_only(family):
     """Two models of one family: while one is patched, the other still runs transformers'
-    rotation (bit for bit as before); the module-level function comes back with the last
-    revert."""
+    rotation (bit for bit as before); the swap is held while any patched model holds it (a
+    model dropped without revert, as earlier tests do, keeps holding it), then released."""
+    import gc
     import sys
+    import weakref
 
     patched, bystander = eager_model(family), eager_model(family)
     modeling = sys.modules[type(attention_modules(patched)[0]).__module__]
-    original = modeling.apply_rotary_pos_emb
+    key = (modeling.__name__, "apply_rotary_pos_emb")
     ids = torch.randint(3, 100, (1, 6), device=DEVICE)
     calls = []
     with torch.no_grad():
         before = bystander(input_ids=ids).logits
+        holders = tritium.hf.patch._SWAPS.get(key, [None, 0])[1]
         tritium.hf.apply(patched, attention=False, norms=False, mlp=False)
-        tritium.hf.apply(eager_model(family), attention=False, norms=False, mlp=False)  # a second holder
-        assert modeling.apply_rotary_pos_emb is not original
+        second = tritium.hf.apply(eager_model(family), attention=False, norms=False, mlp=False)
+        assert tritium.hf.patch._SWAPS[key][1] == holders + 2
+        assert modeling.apply_rotary_pos_emb.func is tritium.hf.rotary.rotary_pos_emb
         real_rotary = tritium.hf.rotary.apply_rotary
         tritium.hf.rotary.apply_rotary = lambda *a, **k: calls.append(1) or real_rotary(*a, **k)
         try:
@@ -127,5 +131,12 @@ def test_swap_reaches_patched_models_only(family):
         finally:
             tritium.hf.rotary.apply_rotary = real_rotary
         tritium.hf.revert(patched)
+        tritium.hf.revert(second)
     assert torch.equal(during, before)
-    assert modeling.apply_rotary_pos_emb is not original  # the second model still holds it
+    assert tritium.hf.patch._SWAPS.get(key, [None, 0])[1] == holders
+    dropped = eager_model(family)
+    tritium.hf.apply(dropped)
+    ref = weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert ref() is None  # patches never keep a model alive

@@ -24,7 +24,6 @@ nothing (a refusal leaves the model as it was), and `revert` restores it exactly
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Callable
 from functools import partial
 
@@ -40,14 +39,18 @@ from tritium.kernels.norm import layer_norm, rms_norm
 from tritium.models.mlp import activation_from_hf
 
 _ABSENT = object()
-# module -> the undo functions of the patches applied through it, in patch order.
-_PATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The attribute holding, on the module a patch was applied through, the undo functions of
+# its patches in patch order. On the module itself (not in a global table) so a model
+# dropped without revert is freed: its undo closures only form a cycle with it.
+_UNDO = "_tritium_undo"
 # (modeling module name, function name) -> [transformers' function, models holding the swap].
 _SWAPS: dict[tuple[str, str], list] = {}
 
 
 def _record(model: nn.Module, undo: Callable[[], None]) -> None:
-    _PATCHES.setdefault(model, []).append(undo)
+    if _UNDO not in model.__dict__:
+        model.__dict__[_UNDO] = []
+    model.__dict__[_UNDO].append(undo)
 
 
 def _set(model: nn.Module, obj, attr: str, value) -> None:
@@ -79,9 +82,11 @@ def _undo(model: nn.Module, keep: dict | None = None) -> None:
     """Undo, newest first, the patches recorded through model and its submodules, all of
     them or those past keep[module] (a count taken before a failed apply)."""
     for module in model.modules():
-        undos = _PATCHES.get(module, [])
+        undos = module.__dict__.get(_UNDO, [])
         while len(undos) > (keep or {}).get(module, 0):
             undos.pop()()
+        if not undos:
+            module.__dict__.pop(_UNDO, None)
 
 
 def revert(model: nn.Module) -> None:
@@ -94,7 +99,7 @@ def _all_or_nothing(apply_fn):
     """A refused apply (bad option, unsupported transformers) leaves the model as it was."""
     @functools.wraps(apply_fn)
     def wrapper(model, **options):
-        keep = {module: len(_PATCHES.get(module, [])) for module in model.modules()}
+        keep = {module: len(module.__dict__.get(_UNDO, [])) for module in model.modules()}
         try:
             return apply_fn(model, **options)
         except BaseException:
