@@ -48,9 +48,7 @@ _SWAPS: dict[tuple[str, str], list] = {}
 
 
 def _record(model: nn.Module, undo: Callable[[], None]) -> None:
-    if _UNDO not in model.__dict__:
-        model.__dict__[_UNDO] = []
-    model.__dict__[_UNDO].append(undo)
+    model.__dict__.setdefault(_UNDO, []).append(undo)
 
 
 def _set(model: nn.Module, obj, attr: str, value) -> None:
@@ -81,9 +79,10 @@ def _swap_global(model: nn.Module, namespace, name: str, make: Callable[[Callabl
 def _undo(model: nn.Module, keep: dict | None = None) -> None:
     """Undo, newest first, the patches recorded through model and its submodules, all of
     them or those past keep[module] (a count taken before a failed apply)."""
+    keep = keep or {}
     for module in model.modules():
         undos = module.__dict__.get(_UNDO, [])
-        while len(undos) > (keep or {}).get(module, 0):
+        while len(undos) > keep.get(module, 0):
             undos.pop()()
         if not undos:
             module.__dict__.pop(_UNDO, None)
