@@ -5,7 +5,7 @@ tie or sit far apart, and equal tokens have hidden scores 1.9 apart before. So e
 compares each step's raw logits (`output_logits=True`), within float32 rounding of the
 logits' scale (see test_hf.assert_logits_close), and the tokens.
 
-The matrix: every family as users hold it (Gemma 2, GLM-4, MVP with and without task
+The matrix: every family as users hold it (Gemma 2, GLM-4 (also at head_dim 8), MVP with and without task
 prompts, bert2bert = EncoderDecoderModel(BertGenerationEncoder, BertGenerationDecoder),
 BigBird-Pegasus), through attn_implementation="tritium" and through tritium.hf.apply, at
 batch 1 and in a padded batch, with a DynamicCache and with a static cache. MVP computes
@@ -17,6 +17,7 @@ import torch
 from conftest import DEVICE
 from test_hf import (
     BERT,
+    DECODER,
     SEQ2SEQ,
     assert_grads_close,
     assert_logits_close,
@@ -31,6 +32,8 @@ from transformers import (
     BertGenerationDecoder,
     BertGenerationEncoder,
     EncoderDecoderModel,
+    Glm4Config,
+    Glm4ForCausalLM,
     MvpConfig,
     MvpForConditionalGeneration,
 )
@@ -47,6 +50,13 @@ def mvp():
     return MvpForConditionalGeneration(MvpConfig(**SEQ2SEQ))
 
 
+def glm4_head_dim_8():
+    """A tiny test checkpoint's shape (hidden 32, 4 heads: head_dim 8, rotary on 4 of them),
+    below tl.dot's minimum of 16: the kernels pad it."""
+    config = Glm4Config(**dict(DECODER, hidden_size=32, head_dim=8), partial_rotary_factor=0.5, attention_dropout=0.0)
+    return Glm4ForCausalLM(config)
+
+
 def bert2bert():
     """The BertGeneration seed page's bert2bert: BERT layers as encoder and as a decoder with
     cross-attention, in an EncoderDecoderModel."""
@@ -61,6 +71,7 @@ def bert2bert():
 FAMILIES = {
     "gemma2": (gemma2, True, True),
     "glm4": (glm4, True, True),
+    "glm4_head_dim_8": (glm4_head_dim_8, True, True),
     "mvp": (mvp, False, False),
     "mvp_prompts": (mvp_prompts, False, False),
     "bert2bert": (bert2bert, False, True),
