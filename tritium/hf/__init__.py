@@ -19,7 +19,7 @@ from transformers.integrations.flash_attention import flash_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from tritium.hf.attention import ATTENTION_PARAMETERS, MASK_PARAMETERS, NAME, tritium_attention, tritium_mask
-from tritium.hf.compat import NEWEST, OLDEST, UnsupportedTransformers, check_parameters
+from tritium.hf.compat import NEWEST, OLDEST, UnsupportedTransformers, check_parameters, warn_if_untested
 from tritium.hf.patch import (
     MODEL_TYPE_TO_APPLY,
     apply,
@@ -54,8 +54,10 @@ def register() -> None:
     """Register "tritium" in transformers' AttentionInterface and AttentionMaskInterface
     (global mappings, so every model sees it). Idempotent.
 
-    Raises UnsupportedTransformers when transformers' own flash_attention_2 functions, whose
-    calling convention "tritium" shares, take other arguments than it was written for."""
+    Warns once outside the tested transformers range; raises UnsupportedTransformers when
+    transformers' own flash_attention_2 functions, whose calling convention "tritium"
+    shares, take other arguments than it was written for."""
+    warn_if_untested()
     check_parameters(flash_attention_forward, [ATTENTION_PARAMETERS], prefix=True)
     check_parameters(flash_attention_mask, [MASK_PARAMETERS], prefix=True)
     AttentionInterface.register(NAME, tritium_attention)
