@@ -96,3 +96,15 @@ def test_semantic_interface_arguments_are_refused():
     k = torch.randn(1, 2, 3, 16, device=DEVICE)
     with pytest.raises(ValueError, match="s_aux"):
         tritium_attention(model.model.layers[0].self_attn, q, k, k, None, s_aux=torch.zeros(4))
+
+
+def test_wrong_family_function_and_bad_options_are_refused_untouched():
+    model = make(gemma2)
+    model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="expected a model of model_type 'glm4', got 'gemma2'"):
+        tritium.hf.apply_tritium_to_glm4(model)
+    with pytest.raises(TypeError, match="attention must be True or False, got 'no'"):
+        tritium.hf.apply(model, attention="no")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        tritium.hf.apply(model, rotary=True)
+    assert untouched(model)

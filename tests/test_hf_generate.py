@@ -12,6 +12,8 @@ batch 1 and in a padded batch, with a DynamicCache and with a static cache. MVP 
 attention itself, so only `apply` reaches it.
 """
 
+import copy
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -144,6 +146,24 @@ def test_mvp_is_refused_by_attn_implementation():
         model(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
+def test_mvp_loaded_with_tritium_then_applied():
+    """The README's snippet followed literally for MVP: loaded with attn_implementation=
+    "tritium" (which MVP never calls), then apply: it runs on eager's masks, matches eager,
+    and revert gives back what was loaded."""
+    model = make(mvp_prompts)
+    config = copy.deepcopy(model.config)
+    loaded = MvpForConditionalGeneration._from_config(config, attn_implementation="tritium").to(DEVICE).eval()
+    loaded.load_state_dict(model.state_dict())
+    assert loaded.config._attn_implementation == "tritium" and model.config._attn_implementation == "eager"
+    inputs = dict(prompt(decoder_only=False, padded=True), decoder_input_ids=torch.randint(3, 100, (2, 5)))
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        ours = tritium.hf.apply(loaded)(**inputs).logits
+    assert_logits_close(expected, ours)
+    tritium.hf.revert(loaded)
+    assert loaded.config._attn_implementation == "tritium"
+
+
 def test_mvp_prompts_lightweight_tuning_gradients():
     """Lightweight tuning: only the prompt MLPs train; their gradients through tritium's
     attention (the prompts are key/value prefixes) as eager's. Padded source, decoder labels.
@@ -186,6 +206,7 @@ def test_encoder_decoder_apply_patches_both_halves_and_reverts():
     model.set_attn_implementation("eager")
     tritium.hf.apply(model)
     assert model.encoder.config._attn_implementation == model.decoder.config._attn_implementation == "tritium"
+    assert model.config._attn_implementation == "tritium"
     patched = [m for m in model.modules() if "forward" in m.__dict__]
     assert any(m in set(model.encoder.modules()) for m in patched)
     assert any(m in set(model.decoder.modules()) for m in patched)

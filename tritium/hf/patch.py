@@ -94,17 +94,28 @@ def revert(model: nn.Module) -> None:
     _undo(model)
 
 
-def _all_or_nothing(apply_fn):
-    """A refused apply (bad option, unsupported transformers) leaves the model as it was."""
-    @functools.wraps(apply_fn)
-    def wrapper(model, **options):
-        keep = {module: len(module.__dict__.get(_UNDO, [])) for module in model.modules()}
-        try:
-            return apply_fn(model, **options)
-        except BaseException:
-            _undo(model, keep)
-            raise
-    return wrapper
+def _family(model_type: str):
+    """For apply_tritium_to_<family>: the model must be of model_type and the options bools,
+    and the apply is all or nothing (a refusal, such as an unsupported transformers, leaves
+    the model as it was)."""
+    def decorate(apply_fn):
+        @functools.wraps(apply_fn)
+        def wrapper(model, **options):
+            found = getattr(getattr(model, "config", None), "model_type", None)
+            if found != model_type:
+                raise ValueError(f"{apply_fn.__name__}: expected a model of model_type {model_type!r}, got {found!r} "
+                                 "(tritium.hf.apply(model) picks the function by model_type)")
+            for name, value in options.items():
+                if not isinstance(value, bool):
+                    raise TypeError(f"{apply_fn.__name__}: {name} must be True or False, got {value!r}")
+            keep = {module: len(module.__dict__.get(_UNDO, [])) for module in model.modules()}
+            try:
+                return apply_fn(model, **options)
+            except BaseException:
+                _undo(model, keep)
+                raise
+        return wrapper
+    return decorate
 
 
 def _patch_attention(model: nn.Module) -> None:
@@ -180,7 +191,10 @@ def _patch_linear4bit(model: nn.Module) -> None:
     """Every bitsandbytes Linear4bit (nf4) computes with tritium.nf4.matmul; the NF4Weight
     is built here, once, over the module's tensors (so move the model before apply, not
     after). fp4 layers are refused, all checked before any is patched."""
-    from bitsandbytes.nn import Linear4bit
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError as error:
+        raise ImportError("nf4=True patches bitsandbytes' Linear4bit layers: pip install bitsandbytes") from error
 
     weights = {module: _nf4_weight(module) for module in model.modules() if isinstance(module, Linear4bit)}
     for module, weight in weights.items():
@@ -239,7 +253,7 @@ def _checked_forwards(model: nn.Module, module_type: type, forward, parameters, 
     _patch_forwards(model, module_type, forward, *args)
 
 
-@_all_or_nothing
+@_family("gemma2")
 def apply_tritium_to_gemma2(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True,
                             rope: bool = True, nf4: bool = False):
     """Gemma 2: attn_implementation="tritium", Gemma2RMSNorm, Gemma2MLP (GeGLU), the rotary
@@ -260,7 +274,7 @@ def apply_tritium_to_gemma2(model: nn.Module, *, attention: bool = True, norms: 
     return model
 
 
-@_all_or_nothing
+@_family("glm4")
 def apply_tritium_to_glm4(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True,
                           rope: bool = True, nf4: bool = False):
     """GLM-4: attn_implementation="tritium", Glm4RMSNorm, Glm4MLP (SwiGLU, gate_up_proj), the
@@ -281,7 +295,7 @@ def apply_tritium_to_glm4(model: nn.Module, *, attention: bool = True, norms: bo
     return model
 
 
-@_all_or_nothing
+@_family("mvp")
 def apply_tritium_to_mvp(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True,
                          rope: bool = True, nf4: bool = False):
     """MVP: every MvpAttention (encoder, decoder self- and cross-attention, task prompts
@@ -294,6 +308,11 @@ def apply_tritium_to_mvp(model: nn.Module, *, attention: bool = True, norms: boo
         _patch_linear4bit(model)
     if attention:
         compat.check_forward(MvpAttention, seq2seq.MVP_ATTENTION_PARAMETERS)
+        if model.config._attn_implementation == NAME:
+            # Loaded with attn_implementation="tritium", which MVP never calls: its patched
+            # modules take the masks "eager" makes. (set_attn_implementation leaves MVP's
+            # config as it is.)
+            _set(model, model.config, "_attn_implementation", "eager")
         for module in model.modules():
             if isinstance(module, (MvpEncoderLayer, MvpDecoderLayer)):
                 causal = isinstance(module, MvpDecoderLayer)
@@ -309,7 +328,7 @@ def apply_tritium_to_mvp(model: nn.Module, *, attention: bool = True, norms: boo
     return model
 
 
-@_all_or_nothing
+@_family("bigbird_pegasus")
 def apply_tritium_to_bigbird_pegasus(model: nn.Module, *, attention: bool = True, norms: bool = True,
                                      mlp: bool = True, rope: bool = True, nf4: bool = False):
     """BigBird-Pegasus: attn_implementation="tritium" (decoder self- and cross-attention) and
@@ -343,7 +362,7 @@ def apply_tritium_to_bigbird_pegasus(model: nn.Module, *, attention: bool = True
     return model
 
 
-@_all_or_nothing
+@_family("bert-generation")
 def apply_tritium_to_bert_generation(model: nn.Module, *, attention: bool = True, norms: bool = True,
                                      mlp: bool = True, rope: bool = True, nf4: bool = False):
     """BertGeneration: attn_implementation="tritium", LayerNorms, intermediate.dense + act.
@@ -361,7 +380,7 @@ def apply_tritium_to_bert_generation(model: nn.Module, *, attention: bool = True
     return model
 
 
-@_all_or_nothing
+@_family("encoder-decoder")
 def apply_tritium_to_encoder_decoder(model: nn.Module, *, attention: bool = True, norms: bool = True,
                                      mlp: bool = True, rope: bool = True, nf4: bool = False):
     """EncoderDecoderModel (bert2bert, roberta2roberta: BertGenerationEncoder +
@@ -374,6 +393,8 @@ def apply_tritium_to_encoder_decoder(model: nn.Module, *, attention: bool = True
         _patch_linear4bit(model)
     for module in halves.values():
         _family_apply(module)(module, attention=attention, norms=norms, mlp=mlp, rope=rope, nf4=False)
+    if attention:  # after the halves, which record their own previous implementations
+        _set(model, model.config, "_attn_implementation", NAME)
     return model
 
 
