@@ -2,7 +2,7 @@
 no narrower seam exists: MvpAttention (every MVP attention) and BigBird-Pegasus' encoder
 self-attention ("original_full" and "block_sparse"). Each names the parameters of the
 forward it replaces (`*_PARAMETERS`, every supported version's spelling); `apply` checks
-them with `tritium.hf.compat.check_parameters` before patching anything.
+them with `tritium.hf.compat.check_forward` before patching anything.
 """
 
 from __future__ import annotations
