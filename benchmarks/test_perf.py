@@ -22,17 +22,18 @@ if DEVICE == "cpu":
 
 import pytest
 
-from benchmarks import harness, suites
-from benchmarks.cases import SuiteCase
+from tritium import bench
+from tritium.bench.operators import operators
+from tritium.cli.cases import SuiteCase
 
 BACKEND = "tritium"
 
 
 def _params() -> list:
-    suites.load("all")
+    bench.load("all")
     return [
         pytest.param(SuiteCase(op, case), mode, id=f"{op.name}-{mode}-{case.name}")
-        for op in harness.operators("all") if any(b.name == BACKEND for b in op.backends)
+        for op in operators("all") if any(b.name == BACKEND for b in op.backends)
         for case in op.cases(DEVICE, True)
         for mode in op.modes
     ]

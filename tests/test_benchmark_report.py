@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import tritium.autotune
-from benchmarks import accuracy, environment, harness, results, suites
+from benchmarks import accuracy, environment, harness, results
 from benchmarks.__main__ import main
 from benchmarks.summary import ordered
+from tritium import bench
+from tritium.bench import operators
 
 RECORDED = Path(__file__).parent / "data" / "results-synthetic.json"
 CASE = "d128-causal-s4096-b4-h16"
@@ -34,20 +36,20 @@ def fake_suite(monkeypatch):
     registering its operator: a tritium, an eager (the accuracy reference), an
     uninstallable and a peer backend, tritium and the peer `error` away from the truth. The
     registry and the suite list are restored afterwards, so no other test sees them."""
-    monkeypatch.setattr(harness, "_OPERATORS", dict(harness._OPERATORS))
-    monkeypatch.setattr(suites, "NAMES", (*suites.NAMES, "fake"))
-    monkeypatch.setattr(suites, "load", lambda suite: None)
+    monkeypatch.setattr(operators, "_OPERATORS", dict(operators._OPERATORS))
+    monkeypatch.setattr(bench, "NAMES", (*bench.NAMES, "fake"))
+    monkeypatch.setattr(bench, "load", lambda suite: None)
 
-    def register(tritium_error: float = 0.0, peer_error: float = 0.0) -> harness.Operator:
-        return harness.register(harness.Operator(
+    def register(tritium_error: float = 0.0, peer_error: float = 0.0) -> operators.Operator:
+        return operators.register(operators.Operator(
             name="double", suite="fake", modes=("fwd",),
-            cases=lambda device, quick: [harness.Case("n8", 8, "vectors", {"n": 8})],
+            cases=lambda device, quick: [operators.Case("n8", 8, "vectors", {"n": 8})],
             inputs=lambda case, device: {"x": torch.randn(case.params["n"], device=device)},
             backends=(
-                harness.Backend("tritium", _off_by(tritium_error)),
-                harness.Backend("fastattn", _missing_library),
-                harness.Backend("eager", lambda case, t: lambda: t["x"] + t["x"]),
-                harness.Backend("peer", _off_by(peer_error)),
+                operators.Backend("tritium", _off_by(tritium_error)),
+                operators.Backend("fastattn", _missing_library),
+                operators.Backend("eager", lambda case, t: lambda: t["x"] + t["x"]),
+                operators.Backend("peer", _off_by(peer_error)),
             ),
             baseline={"cpu": "eager"}, flops=lambda case, mode: 8, nbytes=lambda case, mode: 64,
             error=lambda case, inputs, outputs, grad_out: (outputs[0] - 2 * inputs["x"]).abs().max().item(),
@@ -67,7 +69,7 @@ def _run_fake(op) -> list[dict]:
 
 
 def test_registry_skips_a_backend_that_cannot_import(fake_operator):
-    assert harness.operators("fake") == [fake_operator]
+    assert operators.operators("fake") == [fake_operator]
     rows = {r["backend"]: r for r in _run_fake(fake_operator)}
     assert rows["fastattn"]["ms_p50"] is None
     assert rows["fastattn"]["note"] == "skipped: ImportError: No module named 'fastattn'"
@@ -78,7 +80,7 @@ def test_registry_skips_a_backend_that_cannot_import(fake_operator):
 
 def test_accuracy_reference_must_be_a_backend(fake_operator):
     with pytest.raises(ValueError, match="accuracy_reference 'torch' is not one of its backends"):
-        harness.register(dataclasses.replace(fake_operator, accuracy_reference="torch"))
+        operators.register(dataclasses.replace(fake_operator, accuracy_reference="torch"))
 
 
 def test_results_round_trip(tmp_path, fake_operator):

@@ -6,10 +6,9 @@ import json
 import pytest
 import torch
 
-from tritium.autotune import summary, workloads
 from tritium.autotune.config import Config
 from tritium.autotune.tuner import Result
-from tritium.cli import main
+from tritium.cli import main, text, workloads
 
 
 def test_env_text_and_json(capsys):
@@ -55,6 +54,6 @@ def test_all_models_have_workloads():
 
 def test_tuned_table():
     result = Result(Config({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3), ms=1.0, default_ms=1.25, tried=40)
-    text = summary.tuned_table([("attention_fwd", "head_dim=128", result)])
-    assert "1.25x" in text and "BLOCK_M=128" in text
-    assert "nothing tuned" in summary.tuned_table([])
+    table = text.tuned_table([("attention_fwd", "head_dim=128", result)])
+    assert "1.25x" in table and "BLOCK_M=128" in table
+    assert "nothing tuned" in text.tuned_table([])

@@ -10,9 +10,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from benchmarks import cases
-from tritium import profiling
-from tritium.cli import main
+from tritium.cli import cases, main, profiling
 
 # The smallest case of each device's list: the CPU one runs interpreted in about a second.
 SMALL_CASE = {"cpu": "attention/d32-full-s64-b1-h2", "cuda": "attention_decode/decode-b1-ctx1024"}
@@ -60,11 +58,14 @@ def test_resolve_by_unique_substring():
     assert cases.resolve("attention/d128-causal-s4096-b4-h16", "cuda").modes == ("fwd", "fwd+bwd")
 
 
-def test_list_shows_both_devices(capsys):
-    main(["profile", "--list", "attention"])
+def test_list_shows_this_device_then_all(capsys):
+    main(["profile", "--list", "attention", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert "attention/d128-causal-s4096-b4-h16" in out and "attention/d32-full-s64-b1-h2" in out
-    assert "attention_decode/decode-b1-ctx32768" in out
+    assert out.startswith("cpu:") and "attention/d32-full-s64-b1-h2" in out
+    assert "attention/d128-causal-s4096-b4-h16" not in out and "--list --all shows them" in out
+    main(["profile", "--list", "attention", "--device", "cpu", "--all"])
+    out = capsys.readouterr().out
+    assert out.index("attention/d32-full-s64-b1-h2") < out.index("cuda:") < out.index("decode-b1-ctx32768")
 
 
 def test_tritium_does_not_import_benchmarks():

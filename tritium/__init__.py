@@ -1,7 +1,7 @@
 """tritium: autotuned Triton kernels for Gemma 2, GLM-4, MVP, BigBird-Pegasus and
 BertGeneration. The functional API lives here; the logic lives in `tritium.kernels`."""
 
-from tritium.kernels import nf4
+from tritium import nf4
 from tritium.kernels.attention import flash_attention
 from tritium.kernels.attention_kvcache import flash_attention_with_kvcache
 from tritium.kernels.block_sparse import bigbird_random_layout, block_sparse_attention

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.harness import Backend, Case, Operator, max_abs_error, register
+from tritium.bench.operators import Backend, Case, Operator, max_abs_error, register
 from tritium.kernels import nf4
 
 SUITE = "nf4"

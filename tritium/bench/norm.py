@@ -14,8 +14,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Backend, Case, Operator, Unsupported, max_abs_error, register
 from tritium import reference
+from tritium.bench.operators import Backend, Case, Operator, Unsupported, max_abs_error, register
 from tritium.kernels import norm
 
 SUITE = "norm"

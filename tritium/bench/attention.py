@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tritium
-from benchmarks.harness import Backend, Case, Operator, Unsupported, max_abs_error, register
 from tritium import reference
+from tritium.bench.operators import Backend, Case, Operator, Unsupported, max_abs_error, register
 
 SUITE = "attention"
 DTYPE = "bfloat16"

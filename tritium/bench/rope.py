@@ -12,8 +12,8 @@ from functools import partial
 
 import torch
 
-from benchmarks.harness import Backend, Case, Operator, Unsupported, max_abs_error, register
 from tritium import reference
+from tritium.bench.operators import Backend, Case, Operator, Unsupported, max_abs_error, register
 from tritium.kernels.rope import apply_rotary
 
 SUITE = "rope"

@@ -22,7 +22,7 @@ import copy
 
 import torch
 
-from benchmarks.harness import Backend, Case, Operator, Unsupported, register
+from tritium.bench.operators import Backend, Case, Operator, Unsupported, register
 
 SUITE = "hf"
 LOGITS_KEPT = 64

@@ -5,8 +5,8 @@ a per-kernel table, and a region nsys/ncu capture by itself. `tritium tune --mod
 tunes every kernel for a model's shapes on this GPU; `tritium env` shows the device,
 versions and the autotune cache.
 
-The cases live in the repository's benchmarks/ folder, which is not part of the installed
-package: it is imported lazily, from beside the tritium package (an editable install).
+The cases are tritium.bench's suites; they import triton, so they are imported only once
+the device (and so TRITON_INTERPRET) is settled.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-import tritium
-from tritium import autotune, profiling, runtime
-from tritium.autotune import store, summary, workloads
+from tritium import autotune, runtime
+from tritium.autotune import store
+from tritium.cli import profiling, text, workloads
 
 # (steps, warm-up) by device: a compiled step takes micro- to milliseconds and its first
 # calls autotune; an interpreted one takes about a second.
@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     prof = commands.add_parser("profile", help="profile one benchmark case: trace, per-kernel table, NVTX")
     prof.add_argument("case", nargs="?", help="KERNEL/CASE_NAME, or a unique part of one (see --list)")
-    prof.add_argument("--list", nargs="?", const="all", metavar="SUITE", help="list the cases (of SUITE) and exit")
+    prof.add_argument("--list", nargs="?", const="all", metavar="SUITE",
+                      help="list the cases (of SUITE) that run on this device, and exit")
+    prof.add_argument("--all", action="store_true", help="with --list: also the other device's cases")
     prof.add_argument("--backend", default="tritium", help="which implementation runs (default: tritium)")
     prof.add_argument("--mode", choices=("fwd", "fwd+bwd", "decode"), help="default: the case's first mode")
     prof.add_argument("--trace", type=Path, help="trace file (default: KERNEL.CASE.BACKEND.MODE.trace.json)")
@@ -88,14 +90,7 @@ def _profile_command(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def _import_cases():
-    """benchmarks.cases, from the checkout this tritium was installed from."""
-    root = Path(tritium.__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "cases.py").is_file():
-        raise SystemExit(f"tritium profile runs the cases in the repository's benchmarks/ folder, which is not "
-                         f"beside {root / 'tritium'}: run it from a checkout installed with `pip install -e .`")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks import cases
+    from tritium.cli import cases  # imports the suites, and so triton
 
     return cases
 
@@ -119,15 +114,22 @@ def _choose_device(args: argparse.Namespace, argv: list[str]) -> str:
 
 
 def _print_list(cases, args: argparse.Namespace) -> None:
-    for device in cases.DEVICES:
-        try:
-            targets = cases.available(device, args.list)
-        except ValueError as exc:
-            args.error(str(exc))
+    """The cases of this device (--device, else cuda when available), then with --all the
+    other device's; without --all, one line says how many those are."""
+    here = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    others = [d for d in cases.DEVICES if d != here]
+    try:
+        lists = {device: cases.available(device, args.list) for device in [here, *others]}
+    except ValueError as exc:
+        args.error(str(exc))
+    for device in [here, *others] if args.all else [here]:
         print(f"{device}:{'  # ' + profiling.CPU_LABEL if device == 'cpu' else ''}")
-        width = max(len(t.name) for t in targets)
-        for target in targets:
+        width = max(len(t.name) for t in lists[device])
+        for target in lists[device]:
             print(f"  {target.name:<{width}}  {', '.join(target.modes)}")
+    if not args.all:
+        hidden = ", ".join(f"{len(lists[d])} {d}" for d in others)
+        print(f"(not shown: {hidden} cases; --list --all shows them)")
 
 
 def _profile(cases, args: argparse.Namespace, device: str) -> None:
@@ -172,7 +174,7 @@ def _tune_command(args: argparse.Namespace, argv: list[str]) -> None:
             except torch.OutOfMemoryError:
                 skipped.append(step.label)
                 torch.cuda.empty_cache()
-    print(summary.tuned_table(autotune.TUNED))
+    print(text.tuned_table(autotune.TUNED))
     for label in skipped:
         print(f"skipped (out of memory): {label}")
     if args.export is not None:
@@ -189,7 +191,7 @@ def _env_command(args: argparse.Namespace, argv: list[str]) -> None:
 
         print(json.dumps(state, indent=1))
     else:
-        print(summary.env_text(state))
+        print(text.env_text(state))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 import tritium
-from benchmarks.harness import Backend, Case, Operator, Unsupported, max_abs_error, register
 from tritium import reference
+from tritium.bench.operators import Backend, Case, Operator, Unsupported, max_abs_error, register
 
 SUITE = "block_sparse"
 HEADS, HEAD_DIM, RANDOM = 16, 64, 3

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import tritium
-from benchmarks.harness import Backend, Case, Operator, Unsupported, max_abs_error, register
 from tritium import reference
+from tritium.bench.operators import Backend, Case, Operator, Unsupported, max_abs_error, register
 
 SUITE = "mlp"
 DTYPE = "bfloat16"

@@ -14,8 +14,9 @@ from difflib import SequenceMatcher
 
 import torch
 
-from benchmarks import harness, suites
-from benchmarks.harness import Case, Operator
+from tritium import bench
+from tritium.bench import operators
+from tritium.bench.operators import Case, Operator, mode_step
 
 DEVICES = ("cuda", "cpu")
 CLOSE_MATCHES = 5
@@ -62,16 +63,16 @@ class SuiteCase:
             forward = backends[backend].setup(self.case, inputs)
         except (ImportError, NotImplementedError) as exc:
             raise ValueError(f"backend {backend!r} cannot run {self.name} on {device}: {exc}") from exc
-        return harness._mode_step(forward, mode, [inputs[n] for n in self.op.grad_inputs])[0]
+        return mode_step(forward, mode, [inputs[n] for n in self.op.grad_inputs])[0]
 
 
 def _suite_cases(device: str, suite: str) -> list[SuiteCase]:
-    """Every case of `suite` ("all" or one of suites.NAMES) on `device`: the full lists, of
+    """Every case of `suite` ("all" or one of bench.NAMES) on `device`: the full lists, of
     which --quick runs a subset."""
-    if suite not in ("all", *suites.NAMES):
-        raise ValueError(f"unknown suite {suite!r}; suites: all, {', '.join(suites.NAMES)}")
-    suites.load(suite)
-    return [SuiteCase(op, case) for op in harness.operators(suite) for case in op.cases(device, False)]
+    if suite not in ("all", *bench.NAMES):
+        raise ValueError(f"unknown suite {suite!r}; suites: all, {', '.join(bench.NAMES)}")
+    bench.load(suite)
+    return [SuiteCase(op, case) for op in operators.operators(suite) for case in op.cases(device, False)]
 
 
 # Where profilable names come from, by kind. A lister returns the targets on a device of

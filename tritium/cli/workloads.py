@@ -10,6 +10,9 @@ from typing import Callable, Iterator
 
 import torch
 
+import tritium
+from tritium.kernels.block_sparse import min_seqlen
+
 
 @dataclass(frozen=True)
 class AttentionShape:
@@ -122,8 +125,6 @@ def _window(shape: AttentionShape) -> tuple[int, int]:
 
 def _prefill(shape, batch, seqlen, dtype, device, backward) -> Callable[[], None]:
     def run():
-        import tritium
-
         # Cross-attention: a summary (a quarter of the source's length) reads the source.
         seqlen_q = max(seqlen // 4, 1) if shape.cross else seqlen
         q = torch.randn(batch, seqlen_q, shape.heads_q, shape.head_dim, device=device, dtype=dtype)
@@ -140,8 +141,6 @@ def _prefill(shape, batch, seqlen, dtype, device, backward) -> Callable[[], None
 
 def _decode(shape, batch, context, dtype, device) -> Callable[[], None]:
     def run():
-        import tritium
-
         cache = (batch, context, shape.heads_kv, shape.head_dim)
         k_cache, v_cache = (torch.randn(cache, device=device, dtype=dtype) for _ in range(2))
         q = torch.randn(batch, 1, shape.heads_q, shape.head_dim, device=device, dtype=dtype)
@@ -153,8 +152,6 @@ def _decode(shape, batch, context, dtype, device) -> Callable[[], None]:
 
 def _dense_layer(layer: LayerShape, tokens: int, dtype, device, backward) -> Callable[[], None]:
     def run():
-        import tritium
-
         x = torch.randn(tokens, layer.hidden, device=device, dtype=dtype, requires_grad=backward)
         weight = torch.randn(layer.hidden, device=device, dtype=dtype, requires_grad=backward)
         if layer.norm == "layer":
@@ -178,8 +175,6 @@ def _dense_layer(layer: LayerShape, tokens: int, dtype, device, backward) -> Cal
 
 def _rotary(shape: AttentionShape, layer: LayerShape, batch, seqlen, dtype, device, backward) -> Callable[[], None]:
     def run():
-        import tritium
-
         q = torch.randn(batch, seqlen, shape.heads_q, shape.head_dim, device=device, dtype=dtype,
                         requires_grad=backward)
         k = torch.randn(batch, seqlen, shape.heads_kv, shape.head_dim, device=device, dtype=dtype,
@@ -194,8 +189,6 @@ def _rotary(shape: AttentionShape, layer: LayerShape, batch, seqlen, dtype, devi
 
 def _nf4_layer(layer: LayerShape, tokens: int, dtype, device) -> Callable[[], None]:
     def run():
-        import tritium
-
         x = torch.randn(tokens, layer.hidden, device=device, dtype=dtype)
         up_rows = 2 * layer.intermediate if layer.gated else layer.intermediate
         for shape in ((up_rows, layer.hidden), (layer.hidden, layer.intermediate)):
@@ -210,9 +203,6 @@ def _block_sparse(shape: tuple, batch, seqlen, dtype, device, backward) -> Calla
     heads, head_dim, block_size, random = shape
 
     def run():
-        import tritium
-        from tritium.kernels.block_sparse import min_seqlen
-
         if seqlen < min_seqlen(block_size, random):
             return  # transformers uses full attention there: the dense kernels cover it
         q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype, requires_grad=backward)
