@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A lent GPU machine's session (see ../shared/GPU.md): each call of the device tool runs at
+# A lent GPU machine's session: each call of the device tool runs at
 # most 10 minutes, so the work comes in phases, each writing under $OUT (default
 # ./gpu-session). Run from the repository root; nothing is installed (no network there).
 #

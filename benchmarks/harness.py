@@ -4,7 +4,8 @@ Every (case, mode, backend) becomes one row of the long-format
 results table: time quantiles, TFLOP/s and GB/s with % of the measured peak, speedup over
 the baseline, and max abs error against a float64 reference with the tolerance it is judged
 by (benchmarks/accuracy.py). A backend that cannot run a case is a row with a note, never an
-error.
+error; so is every backend of a case whose inputs cannot be built (the hf suite's model
+without transformers). A missing optional library's note says what to install.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import accuracy, timing
-from tritium.bench.operators import Case, Operator, mode_step
+from tritium.bench.operators import Case, Operator, install_hint, mode_step
 
-# What a backend raises when it cannot run here: a missing import, a case it cannot express
-# exactly, or a library refusing it ("No available kernel", out of memory).
+# What a backend, or the building of a case's inputs, raises when it cannot run here: a
+# missing import, a case it cannot express exactly, or a library refusing it ("No available
+# kernel", out of memory).
 SKIPPED = (ImportError, NotImplementedError, RuntimeError)
 
 
@@ -46,7 +48,10 @@ def run_operator(op: Operator, opts: RunOptions) -> list[dict]:
 
 def _run_case(op: Operator, case: Case, mode: str, opts: RunOptions) -> list[dict]:
     torch.manual_seed(0)
-    inputs = op.inputs(case, opts.device)
+    try:
+        inputs = op.inputs(case, opts.device)
+    except SKIPPED as exc:
+        return [_skipped(_new_row(op, backend, case, mode, opts), exc, opts) for backend in op.backends]
     if mode == "fwd+bwd":
         for name in op.grad_inputs:
             inputs[name].requires_grad_()
@@ -75,13 +80,22 @@ def _measure(op, backend, case, mode, inputs, opts) -> dict:
         else:
             row["note"] = "computes a different function (a reference point): accuracy not compared"
     except SKIPPED as exc:
-        row["note"] = ("skipped: " if row["ms_p50"] is None else "accuracy not checked: ") + _reason(exc)
-        if opts.device == "cuda":
-            torch.cuda.empty_cache()  # what a failed backend held must not starve the next one
+        _skipped(row, exc, opts)
+    return row
+
+
+def _skipped(row: dict, exc: Exception, opts: RunOptions) -> dict:
+    """`row` with a note saying why it has no time (or, timed, no error)."""
+    row["note"] = ("skipped: " if row["ms_p50"] is None else "accuracy not checked: ") + _reason(exc)
+    if opts.device == "cuda":
+        torch.cuda.empty_cache()  # what a failed backend held must not starve the next one
     return row
 
 
 def _reason(exc: Exception) -> str:
+    hint = install_hint(exc)
+    if hint:
+        return hint
     # The first line says why; a whole Triton or Inductor traceback would drown the report.
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".strip()

@@ -77,6 +77,7 @@ _METADATA = (
     ("git commit", lambda m: m["git_commit"] + (" (uncommitted changes)" if m.get("git_dirty") else "")),
     ("date (UTC)", lambda m: m["date"]),
     ("command", lambda m: f"`{m['command']}`"),
+    ("operators", lambda m: ", ".join(m["operators"]) if "operators" in m else "n/a"),
     ("wall time", lambda m: f"{m['wall_s']:.0f} s"),
     ("peak bf16 GEMM (8192³ matmul, measured)", lambda m: f"{number(m['peak_bf16_tflops'])} TFLOP/s"),
     ("peak copy bandwidth (device-to-device, measured)", lambda m: f"{number(m['peak_copy_gbps'])} GB/s"),
@@ -87,6 +88,10 @@ _METADATA = (
 def _header(m: dict) -> str:
     runs = _runs(m)
     banner = f"\n\n> **{plots.INTERPRETER_LABEL}**" if m["interpreted"] else ""
+    # A run stopped midway (or still going) wrote the operators it had measured; merged with
+    # a run of the rest, the report may be whole, so each partial source says what it lacks.
+    partial = "Partial run" if len(runs) == 1 else "A merged run is partial"
+    banner += "".join(f"\n\n> **{partial}**: {run['partial']}." for run in runs if run.get("partial"))
     lines = ["| | |", "| --- | --- |"] + [f"| merged runs | {len(runs)} |"] * (len(runs) > 1)
     # Merged runs may differ (commit, date, peaks): each distinct value is shown once.
     lines += [f"| {label} | {'<br>'.join(ordered(map(render, runs)))} |" for label, render in _METADATA]

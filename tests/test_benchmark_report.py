@@ -223,3 +223,37 @@ def test_run_exits_0_when_only_a_peer_fails_accuracy(tmp_path, fake_suite):
     fake_suite(peer_error=0.1)
     assert main(["run", "--suite", "fake", "--device", "cpu", "--out", str(tmp_path)]) == 0
     assert "**Accuracy: 1 of 3 rows failed accuracy (0 of them tritium's).**" in (tmp_path / "README.md").read_text()
+
+
+def test_run_keeps_the_operators_measured_before_an_interrupt(tmp_path, fake_suite, capsys):
+    """Results are written after each operator: while the second runs, the first's rows are
+    on disk, marked in progress (what a killed run leaves); Ctrl-C in the second keeps them,
+    and the report says the run is partial and what it lacks."""
+    first = fake_suite()
+    on_disk = {}
+
+    def interrupted(case, device):
+        on_disk.update(zip(("metadata", "rows"), results.load(tmp_path / "results.json")))
+        raise KeyboardInterrupt
+
+    operators.register(dataclasses.replace(first, name="triple", inputs=interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        main(["run", "--suite", "fake", "--device", "cpu", "--out", str(tmp_path)])
+    assert on_disk["metadata"]["partial"] == "in progress when written: 1 of 2 operators measured; not measured: triple"
+    metadata, rows = results.load(tmp_path / "results.json")
+    assert rows == on_disk["rows"] and {r["kernel"] for r in rows} == {"double"} and len(rows) == len(first.backends)
+    assert metadata["operators"] == ["double"]
+    partial = "stopped by KeyboardInterrupt while measuring triple: 1 of 2 operators measured; not measured: triple"
+    assert metadata["partial"] == partial
+    text = (tmp_path / "README.md").read_text()
+    assert f"> **Partial run**: {partial}." in text and "| operators | double |" in text
+    assert "## double · fwd" in text and "## triple" not in text
+    assert f"the 1 operator(s) measured so far are in {tmp_path}" in capsys.readouterr().err
+
+
+def test_a_complete_run_is_not_partial(tmp_path, fake_suite):
+    fake_suite()
+    assert main(["run", "--suite", "fake", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    metadata, _ = results.load(tmp_path / "results.json")
+    assert metadata["partial"] is None and metadata["operators"] == ["double"]
+    assert "Partial run" not in (tmp_path / "README.md").read_text()

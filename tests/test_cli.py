@@ -21,6 +21,15 @@ def test_env_text_and_json(capsys):
     assert state["interpreted"] is True and state["sku"] is None
 
 
+@pytest.mark.parametrize("interpreted, cuda, says", [
+    (True, False, "Triton interpreter (TRITON_INTERPRET=1)"),
+    (False, False, "set TRITON_INTERPRET=1 before importing tritium"),
+    (False, True, "compiled by Triton"),
+])
+def test_env_says_how_kernels_run(interpreted, cuda, says):
+    assert says in text._kernel_mode(interpreted, cuda)
+
+
 def test_tune_needs_a_gpu():
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         main(["tune", "--model", "gemma2-2b"])

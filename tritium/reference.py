@@ -1,8 +1,8 @@
 """Plain-PyTorch versions of tritium's ops.
 
 Three jobs, one implementation: the eager path, the float64 test oracle and the benchmark
-baseline. Layouts and semantics are those of the kernels (see DESIGN.md); nothing here
-imports the rest of tritium.
+baseline. Layouts and semantics are those of the kernels (ARCHITECTURE.md, "Semantics");
+nothing here imports the rest of tritium.
 """
 
 from __future__ import annotations

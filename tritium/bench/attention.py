@@ -19,8 +19,7 @@ from tritium.bench.operators import Backend, Case, Operator, Unsupported, max_ab
 
 SUITE = "attention"
 DTYPE = "bfloat16"
-# The interpreter's tl.dot multiplies bfloat16 bit patterns (see tests/conftest.py).
-CPU_DTYPE = "float16"
+CPU_DTYPE = "float16"  # numpy has no bfloat16 (the interpreter emulates it, slowly)
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 TOKENS = 16384  # batch * seqlen of every prefill case, so all do the same number of rows
@@ -119,8 +118,8 @@ def _decode_inputs(case: Case, device: str) -> dict:
 
 
 def _visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool, window) -> int:
-    """(query, key) pairs the mask lets through, aligned bottom-right as in DESIGN.md:
-    the work an exact kernel must do."""
+    """(query, key) pairs the mask lets through, aligned bottom-right (ARCHITECTURE.md,
+    "Semantics"): the work an exact kernel must do."""
     left, right = window
     right = 0 if causal else right
     pos = torch.arange(seqlen_q, dtype=torch.int64) + (seqlen_k - seqlen_q)
@@ -269,9 +268,7 @@ def _flex(case: Case, t: dict):
 
 
 def _tritium_decode(case: Case, t: dict):
-    from tritium import flash_attention_with_kvcache  # still being written: ImportError skips
-
-    return lambda: flash_attention_with_kvcache(t["q"], t["k_cache"], t["v_cache"], t["cache_seqlens"], causal=True)
+    return lambda: tritium.flash_attention_with_kvcache(t["q"], t["k_cache"], t["v_cache"], t["cache_seqlens"], causal=True)
 
 
 def _sdpa_flash_decode(case: Case, t: dict):

@@ -30,7 +30,7 @@ LOGITS_KEPT = 64
 GEMMA2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_attention_heads=8,
                  num_key_value_heads=4, head_dim=256, sliding_window=4096, query_pre_attn_scalar=256,
                  attn_logit_softcapping=50.0, final_logit_softcapping=30.0, max_position_embeddings=8192)
-# The interpreter's tl.dot mishandles bfloat16 (see tests/conftest.py): float32 on CPU.
+# The CPU (interpreter) model: small enough to run interpreted in seconds.
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, sliding_window=32, query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
             final_logit_softcapping=30.0, max_position_embeddings=256)

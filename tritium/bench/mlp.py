@@ -20,7 +20,6 @@ from tritium.bench.operators import Backend, Case, Operator, Unsupported, max_ab
 
 SUITE = "mlp"
 DTYPE = "bfloat16"
-# The interpreter's tl.dot multiplies bfloat16 bit patterns (see tests/conftest.py).
 CPU_DTYPE = "float16"
 TOKENS = (1, 16, 128, 512, 2048, 8192, 16384)
 QUICK_TOKENS = (1, 2048, 16384)

@@ -22,7 +22,7 @@ from tritium.kernels import nf4
 
 SUITE = "nf4"
 DTYPE = "bfloat16"
-CPU_DTYPE = "float16"  # the interpreter's tl.dot multiplies bfloat16 bit patterns
+CPU_DTYPE = "float16"  # numpy has no bfloat16 (the interpreter emulates it, slowly)
 BLOCKSIZE, DOUBLE_QUANT = 64, True
 # name -> (in_features, out_features) of nn.Linear.
 SHAPES = {

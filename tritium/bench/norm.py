@@ -20,7 +20,7 @@ from tritium.kernels import norm
 
 SUITE = "norm"
 DTYPE = "bfloat16"
-CPU_DTYPE = "float16"  # the interpreter's bfloat16 is emulated; float16 runs natively
+CPU_DTYPE = "float16"  # numpy has no bfloat16 (the interpreter emulates it, slowly)
 RMS_HIDDEN = {2304: "Gemma 2 2B", 3584: "Gemma 2 9B", 4096: "GLM-4 9B", 4608: "Gemma 2 27B"}
 LAYER_HIDDEN = {1024: "BART, MVP, Pegasus, BERT-large"}
 TOKENS = (1, 16, 128, 1024, 4096, 16384)

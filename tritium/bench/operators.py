@@ -72,6 +72,26 @@ class Operator:
 
 _OPERATORS: dict[str, Operator] = {}
 
+# What to install for a module that a suite or a backend imports only when it runs (the
+# base install has neither): module -> (what to install, the command). A submodule matches
+# its package's entry.
+INSTALL_HINTS = {
+    "transformers": ("transformers", 'pip install "tritium[hf]"'),
+    "bitsandbytes": ("bitsandbytes", "pip install bitsandbytes"),
+    "torch.nn.attention.flex_attention": ("a torch with FlexAttention", 'pip install "torch>=2.5"'),
+}
+
+
+def install_hint(exc: BaseException) -> str | None:
+    """'install X (pip install ...)' when `exc` says a module of INSTALL_HINTS is missing;
+    None for any other error (a missing module we know no package for, a failing import)."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    for module, (what, command) in INSTALL_HINTS.items():
+        if exc.name == module or exc.name.startswith(f"{module}."):
+            return f"install {what} ({command})"
+    return None
+
 
 def register(op: Operator) -> Operator:
     """Add `op` to the registry (suites call this at import)."""

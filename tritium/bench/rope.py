@@ -18,7 +18,7 @@ from tritium.kernels.rope import apply_rotary
 
 SUITE = "rope"
 DTYPE = "bfloat16"
-CPU_DTYPE = "float16"  # the interpreter's numpy has no bfloat16
+CPU_DTYPE = "float16"  # numpy has no bfloat16 (the interpreter emulates it, slowly)
 TOKENS = (1, 16, 256, 1024, 4096, 16384)
 QUICK_TOKENS = (1, 1024, 16384)
 # (heads_q, heads_kv, head_dim, rotary_dim, interleaved) of each model's attention.

@@ -16,7 +16,7 @@ import torch
 
 from tritium import bench
 from tritium.bench import operators
-from tritium.bench.operators import Case, Operator, mode_step
+from tritium.bench.operators import Case, Operator, install_hint, mode_step
 
 DEVICES = ("cuda", "cpu")
 CLOSE_MATCHES = 5
@@ -55,14 +55,15 @@ class SuiteCase:
         if mode not in self.modes:
             raise ValueError(f"{self.name} has no mode {mode!r}; it has: {', '.join(self.modes)}")
         torch.manual_seed(0)
-        inputs = self.op.inputs(self.case, device)
-        if mode == "fwd+bwd":
-            for name in self.op.grad_inputs:
-                inputs[name].requires_grad_()
         try:
+            inputs = self.op.inputs(self.case, device)
+            if mode == "fwd+bwd":
+                for name in self.op.grad_inputs:
+                    inputs[name].requires_grad_()
             forward = backends[backend].setup(self.case, inputs)
         except (ImportError, NotImplementedError) as exc:
-            raise ValueError(f"backend {backend!r} cannot run {self.name} on {device}: {exc}") from exc
+            raise ValueError(f"backend {backend!r} cannot run {self.name} on {device}: "
+                             f"{install_hint(exc) or exc}") from exc
         return mode_step(forward, mode, [inputs[n] for n in self.op.grad_inputs])[0]
 
 

@@ -37,9 +37,10 @@ def env_text(state: dict) -> str:
 
     sku = state["sku"]
     device = (f"{sku['name']} ({sku['sm_count']} SMs, {sku['memory_gib']} GiB, sm_{sku['capability'].replace('.', '')})"
-              if sku else "no CUDA device" + (" (Triton interpreter)" if state["interpreted"] else ""))
+              if sku else "no CUDA device")
     lines = [
         f"device      {device}",
+        f"kernels     {_kernel_mode(state['interpreted'], sku is not None)}",
         f"versions    tritium {tritium.__version__}, torch {torch.__version__}, triton {triton.__version__}, "
         f"python {platform.python_version()}",
         f"tuning      {'on (misses are tuned)' if state['tuning'] else 'off (set TRITIUM_AUTOTUNE=1 or run tritium tune)'}",
@@ -54,3 +55,14 @@ def env_text(state: dict) -> str:
     ]
     headers = ["kernel", "source hash", "cached", "shipped", "memo hits", "misses resolved by"]
     return "\n".join(lines) + columns(headers, rows)
+
+
+def _kernel_mode(interpreted: bool, cuda: bool) -> str:
+    """How a launch runs here, and on a CPU-only machine what to do about it."""
+    if interpreted:
+        return ("Triton interpreter (TRITON_INTERPRET=1): CPU tensors, run in numpy; for correctness and "
+                "plumbing, not speed")
+    if cuda:
+        return "compiled by Triton for the CUDA device"
+    return ("cannot launch: no CUDA device and TRITON_INTERPRET is not set (set TRITON_INTERPRET=1 before "
+            "importing tritium to run them on the CPU, slowly)")
