@@ -12,7 +12,8 @@ import pytest  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-# The interpreter's tl.dot multiplies bfloat16 bit patterns: bfloat16 is tested on GPU only.
+# bfloat16 is right under the interpreter too (test_bfloat16_interpreted.py runs it on
+# every machine); these matrices run it on a GPU only, for CPU time.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 # head_dims the attention kernels pad to BLOCK_D (a power of two >= 16): below tl.dot's
 # minimum of 16, and between powers of two.

@@ -411,8 +411,8 @@ def test_quantize_errors():
         nf4.quantize(weight, blocksize=48)
     with pytest.raises(TypeError, match="weight: expected dtype"):
         nf4.quantize(weight.int())
-    with pytest.raises(ValueError, match="non-empty"):
-        nf4.quantize(weight[:0])
+    with pytest.raises(ValueError, match="rank >= 1"):  # an empty weight is fine (tests/test_empty.py)
+        nf4.quantize(weight[0, 0])
     w = nf4.quantize(weight)
     with pytest.raises(ValueError, match="NF4Weight.absmax: expected 8 float32"):
         nf4.NF4Weight(w.packed, w.absmax.half(), 64, (8, 64), torch.float32, w.code)

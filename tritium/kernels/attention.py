@@ -2,8 +2,9 @@
 
 Layout (batch, seqlen, heads, head_dim), any strides. Every variant — causal (bottom-right
 aligned), sliding window, softcap, GQA, key padding, split-KV decode — runs through one
-forward kernel built on the helpers of `online_softmax.py`: `_span` says which key blocks
-a tile sees and which of them need a mask, so only the edges of the span pay for masking.
+forward kernel built on the helpers of `online_softmax.py`: `block_span` says which key
+blocks a tile sees and which of them need a mask, so only the edges of the span pay for
+masking.
 The backward pass lives in `attention_backward.py`, the KV-cache op in
 `attention_kvcache.py`.
 """
@@ -21,16 +22,16 @@ from tritium.kernels import attention_tuning as tuning
 from tritium.kernels.activations import tanh
 from tritium.kernels.attention_backward import launch_backward
 from tritium.kernels.online_softmax import (
-    _logits,
-    _softmax_step,
-    _span,
-    _visible,
-    dot_precision,
+    block_span,
     head_block,
+    logits,
     score_scales,
+    softmax_step,
+    visible,
     window_reach,
 )
-from tritium.kernels.validation import check_dim, check_float, check_head_dim, check_like, check_tensor
+from tritium.kernels.tiles import dot, dot_precision, rounded
+from tritium.kernels.validation import check_dim, check_float, check_head_dim, check_like, check_tensor, is_empty
 from tritium.runtime import cdiv, custom_op, run_function
 
 
@@ -58,13 +59,13 @@ def _fwd_blocks(
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        s, _ = _logits(q, kT, qk_scale, cap_log2, SOFTCAP, PRECISION)
+        s, _ = logits(q, kT, qk_scale, cap_log2, SOFTCAP, PRECISION)
         if MASKED:
-            s = tl.where(_visible(pos[:, None], cols[None, :], left, right, seqlen_k), s, float("-inf"))
+            s = tl.where(visible(pos[:, None], cols[None, :], left, right, seqlen_k), s, float("-inf"))
         if HAS_KEY_MASK:
             keep = tl.load(km_base + cols * stride_mn, mask=cols < seqlen_k, other=0)
             s = tl.where(keep[None, :] != 0, s, float("-inf"))
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, PRECISION)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, PRECISION)
     return acc, m_i, l_i
 
 
@@ -111,7 +112,7 @@ def _attn_fwd_kernel(
     pos = t + shift
     first = pid_m * BLOCK_M // PACK + shift
     last = (tl.minimum((pid_m + 1) * BLOCK_M, seqlen_q * PACK) - 1) // PACK + shift
-    lo, full_lo, full_hi, hi = _span(first, last, window_left, window_right, seqlen_k, BLOCK_N)
+    lo, full_lo, full_hi, hi = block_span(first, last, window_left, window_right, seqlen_k, BLOCK_N)
     split_lo = split * split_len
     split_hi = split_lo + split_len
     lo = tl.maximum(lo, split_lo)
@@ -152,7 +153,7 @@ def _attn_fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     o_ptrs = (Out + split * stride_os + b64 * stride_ob + t[:, None] * stride_om
               + head[:, None] * stride_oh + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, rounded(out, Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     l_ptrs = Lse + split * stride_ls + b64 * stride_lb + head * stride_lh + t * stride_lm
     tl.store(l_ptrs, lse, mask=row_ok)
 
@@ -160,7 +161,7 @@ def _attn_fwd_kernel(
 ATTENTION_FWD = autotune.Kernel(
     "attention_fwd", space=tuning.FWD_SPACE, key=tuning.attention_bucket, default=tuning.fwd_default,
     interpreter=tuning.INTERPRETER, prune=tuning.fwd_fits,
-    sources=(_attn_fwd_kernel, _fwd_blocks, _span, _visible, _logits, _softmax_step, tanh),
+    sources=(_attn_fwd_kernel, _fwd_blocks, block_span, visible, logits, softmax_step, dot, rounded, tanh),
 )
 
 
@@ -173,6 +174,19 @@ def forward_config(q, k, *, window_left, window_right, softcap, pack=1, launch=N
         window_left=window_left, window_right=window_right, softcap=softcap, group=heads_q // heads_kv,
         pack=pack,
     )
+
+
+def run_forward(q, k, out, lse, launch, *, pack=1, **options) -> None:
+    """Fill out and lse for q against k: nothing to do without queries (batch, seqlen_q or
+    heads_q 0), 0 and lse -inf without keys (no query sees one), else launch(config) with
+    this problem's forward config. options: window_left, window_right, softcap."""
+    if is_empty(*q.shape[:3]):
+        return
+    if is_empty(k.shape[1]):
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return
+    launch(forward_config(q, k, pack=pack, launch=launch, **options))
 
 
 def check_attention_args(
@@ -192,7 +206,9 @@ def check_attention_args(
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"{v_name}: shape {tuple(v.shape)} must equal {k_name}'s {tuple(k.shape)}")
     heads_kv = k.shape[2]
-    if heads_kv == 0 or heads_q % heads_kv:
+    if heads_kv == 0:  # even with heads_q = 0: the GQA group heads_q / heads_kv is undefined
+        raise ValueError(f"{k_name}: heads_kv must be >= 1, got shape {tuple(k.shape)}")
+    if heads_q % heads_kv:
         raise ValueError(f"{k_name}: heads_kv = {heads_kv} must divide q's heads_q = {heads_q} (GQA/MQA)")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected bool, got {type(causal).__name__}")
@@ -239,7 +255,7 @@ def launch_forward(
     and (batch, heads_q, seqlen_q), or carry a leading split dim when num_splits > 1.
     seqlens_k: None (all rows see k.shape[1] keys) or int32 (batch,) per-batch lengths."""
     batch, seqlen_q, heads_q, head_dim = q.shape
-    if batch * seqlen_q * heads_q == 0:
+    if is_empty(batch, seqlen_q, heads_q):
         return
     block_m = config.meta["BLOCK_M"]
     unbounded = max_seqlen_k + seqlen_q + 1
@@ -274,7 +290,7 @@ def _forward_op(
         launch_forward(q, k, v, out, lse, config, key_padding_mask=key_padding_mask, seqlens_k=None,
                        scale=softmax_scale, max_seqlen_k=k.shape[1], **options)
 
-    launch(forward_config(q, k, launch=launch, **options))
+    run_forward(q, k, out, lse, launch, **options)
     return out, lse
 
 
@@ -344,7 +360,8 @@ def flash_attention(
     softcap: > 0 replaces each scaled score s by softcap * tanh(s / softcap) (Gemma 2: 50).
     softmax_scale: defaults to head_dim ** -0.5.
     key_padding_mask: (batch, seqlen_k) bool, True = attend.
-    A query that sees no key outputs 0 (lse -inf).
+    A query that sees no key outputs 0 (lse -inf), seqlen_k = 0 included; batch, seqlen_q
+    or heads_q 0 give empty results (heads_kv must be >= 1). Neither launches a kernel.
 
     Returns out (batch, seqlen_q, heads_q, head_dim) in q's dtype, and with return_lse also
     lse (batch, heads_q, seqlen_q) float32, the natural-log normaliser of each row.

@@ -12,38 +12,17 @@ from tritium import autotune
 from tritium.kernels import attention_tuning as tuning
 from tritium.kernels.activations import tanh
 from tritium.kernels.online_softmax import (
-    _load_rows,
-    _logits,
-    _lse_log2,
-    _span,
-    _visible,
-    dot_precision,
+    block_span,
+    bwd_delta_kernel,
     head_block,
+    logits,
+    lse_log2,
     score_scales,
+    visible,
     window_reach,
 )
+from tritium.kernels.tiles import dot, dot_precision, load_rows, rounded
 from tritium.runtime import cdiv
-
-
-@triton.jit
-def _bwd_delta_kernel(
-    Out, DOut, Delta, seqlen_q, heads_q,
-    stride_ob, stride_om, stride_oh, stride_od,
-    stride_db, stride_dm, stride_dh, stride_dd,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """Delta[b, h, i] = sum_d Out * dOut (float32), the softmax-gradient row term."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads_q).to(tl.int64)
-    h = pid_bh % heads_q
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    o = _load_rows(Out + b * stride_ob + h * stride_oh, rows, stride_om, offs_d, stride_od, ok)
-    do = _load_rows(DOut + b * stride_db + h * stride_dh, rows, stride_dm, offs_d, stride_dd, ok)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + pid_bh.to(tl.int64) * seqlen_q + rows, delta, mask=rows < seqlen_q)
 
 
 @triton.jit
@@ -58,20 +37,20 @@ def _bwd_dq_blocks(
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         kv_ok = (cols[:, None] < seqlen_k) & d_ok[None, :]
-        k = _load_rows(k_base, cols, stride_kn, offs_d, stride_kd, kv_ok)
-        v = _load_rows(v_base, cols, stride_vn, offs_d, stride_vd, kv_ok)
-        s, t = _logits(q, tl.trans(k), qk_scale, cap_log2, SOFTCAP, PRECISION)
+        k = load_rows(k_base, cols, stride_kn, offs_d, stride_kd, kv_ok)
+        v = load_rows(v_base, cols, stride_vn, offs_d, stride_vd, kv_ok)
+        s, t = logits(q, tl.trans(k), qk_scale, cap_log2, SOFTCAP, PRECISION)
         if MASKED:
-            s = tl.where(_visible(pos[:, None], cols[None, :], left, right, seqlen_k), s, float("-inf"))
+            s = tl.where(visible(pos[:, None], cols[None, :], left, right, seqlen_k), s, float("-inf"))
         if HAS_KEY_MASK:
             keep = tl.load(km_base + cols * stride_mn, mask=cols < seqlen_k, other=0)
             s = tl.where(keep[None, :] != 0, s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = dot(do, tl.trans(v), None, PRECISION)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        dq = dot(rounded(ds, k.dtype), k, dq, PRECISION)
     return dq
 
 
@@ -101,15 +80,15 @@ def _attn_bwd_dq_kernel(
     row_ok = rows < seqlen_q
     ok = row_ok[:, None] & d_ok[None, :]
 
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qm, offs_d, stride_qd, ok)
-    do = _load_rows(DOut + b * stride_db + h * stride_dh, rows, stride_dm, offs_d, stride_dd, ok)
-    lse2 = _lse_log2(Lse + pid_bh.to(tl.int64) * seqlen_q, rows, row_ok)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qm, offs_d, stride_qd, ok)
+    do = load_rows(DOut + b * stride_db + h * stride_dh, rows, stride_dm, offs_d, stride_dd, ok)
+    lse2 = lse_log2(Lse + pid_bh.to(tl.int64) * seqlen_q, rows, row_ok)
     delta = tl.load(Delta + pid_bh.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=0.0)
 
     shift = seqlen_k - seqlen_q
     pos = rows + shift
     last = tl.minimum((pid_m + 1) * BLOCK_M, seqlen_q) - 1 + shift
-    lo, full_lo, full_hi, hi = _span(pid_m * BLOCK_M + shift, last, window_left, window_right, seqlen_k, BLOCK_N)
+    lo, full_lo, full_hi, hi = block_span(pid_m * BLOCK_M + shift, last, window_left, window_right, seqlen_k, BLOCK_N)
     k_base = K + b * stride_kb + kv_head * stride_kh
     v_base = V + b * stride_vb + kv_head * stride_vh
     km_base = KeyMask + b * stride_mb
@@ -125,7 +104,7 @@ def _attn_bwd_dq_kernel(
                         window_left, window_right, qk_scale, cap_log2, stride_kn, stride_kd, stride_vn, stride_vd,
                         stride_mn, offs_n, offs_d, d_ok, True, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_N)
     dq_ptrs = DQ + ((b * seqlen_q + rows[:, None]) * heads_q + h) * HEAD_DIM + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=ok)
+    tl.store(dq_ptrs, rounded(dq * sm_scale, DQ.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -141,23 +120,23 @@ def _bwd_dkdv_blocks(
         rows = start_m + offs_m
         row_ok = rows < seqlen_q
         ok = row_ok[:, None] & d_ok[None, :]
-        q = _load_rows(q_base, rows, stride_qm, offs_d, stride_qd, ok)
-        do = _load_rows(do_base, rows, stride_dm, offs_d, stride_dd, ok)
-        lse2 = _lse_log2(lse_base, rows, row_ok)
+        q = load_rows(q_base, rows, stride_qm, offs_d, stride_qd, ok)
+        do = load_rows(do_base, rows, stride_dm, offs_d, stride_dd, ok)
+        lse2 = lse_log2(lse_base, rows, row_ok)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        sT, tT = _logits(k, tl.trans(q), qk_scale, cap_log2, SOFTCAP, PRECISION)
+        sT, tT = logits(k, tl.trans(q), qk_scale, cap_log2, SOFTCAP, PRECISION)
         if MASKED:
-            seen = _visible(rows[None, :] + shift, cols[:, None], left, right, seqlen_k) & row_ok[None, :]
+            seen = visible(rows[None, :] + shift, cols[:, None], left, right, seqlen_k) & row_ok[None, :]
             sT = tl.where(seen, sT, float("-inf"))
         if HAS_KEY_MASK:
             sT = tl.where(keep[:, None], sT, float("-inf"))
         pT = tl.exp2(sT - lse2[None, :])
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dv = dot(rounded(pT, do.dtype), do, dv, PRECISION)
+        dpT = dot(v, tl.trans(do), None, PRECISION)
         dsT = pT * (dpT - delta[None, :])
         if SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+        dk = dot(rounded(dsT, q.dtype), q, dk, PRECISION)
     return dk, dv
 
 
@@ -186,8 +165,8 @@ def _attn_bwd_dkdv_kernel(
     col_ok = cols < seqlen_k
     ok = col_ok[:, None] & d_ok[None, :]
 
-    k = _load_rows(K + b * stride_kb + kv_head * stride_kh, cols, stride_kn, offs_d, stride_kd, ok)
-    v = _load_rows(V + b * stride_vb + kv_head * stride_vh, cols, stride_vn, offs_d, stride_vd, ok)
+    k = load_rows(K + b * stride_kb + kv_head * stride_kh, cols, stride_kn, offs_d, stride_kd, ok)
+    v = load_rows(V + b * stride_vb + kv_head * stride_vh, cols, stride_vn, offs_d, stride_vd, ok)
     keep = col_ok
     if HAS_KEY_MASK:
         keep = tl.load(KeyMask + b * stride_mb + cols * stride_mn, mask=col_ok, other=0) != 0
@@ -195,7 +174,7 @@ def _attn_bwd_dkdv_kernel(
     # Query rows that see these keys: position p sees key j iff j - right <= p <= j + left.
     shift = seqlen_k - seqlen_q
     last = tl.minimum((pid_n + 1) * BLOCK_N, seqlen_k) - 1 - shift
-    lo, full_lo, full_hi, hi = _span(pid_n * BLOCK_N - shift, last, window_right, window_left, seqlen_q, BLOCK_M)
+    lo, full_lo, full_hi, hi = block_span(pid_n * BLOCK_N - shift, last, window_right, window_left, seqlen_q, BLOCK_M)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -220,20 +199,21 @@ def _attn_bwd_dkdv_kernel(
             stride_qm, stride_qd, stride_dm, stride_dd, offs_m, offs_d, d_ok,
             True, SOFTCAP, HAS_KEY_MASK, PRECISION, BLOCK_M)
     out_off = ((b * seqlen_k + cols[:, None]) * heads_kv + kv_head) * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=ok)
+    tl.store(DK + out_off, rounded(dk * sm_scale, DK.dtype.element_ty), mask=ok)
+    tl.store(DV + out_off, rounded(dv, DV.dtype.element_ty), mask=ok)
 
 
 DELTA_BLOCK_M = 32
 ATTENTION_BWD_DQ = autotune.Kernel(
     "attention_bwd_dq", space=tuning.BWD_SPACE, key=tuning.attention_bucket, default=tuning.dq_default,
     interpreter=tuning.INTERPRETER, prune=tuning.bwd_fits,
-    sources=(_attn_bwd_dq_kernel, _bwd_dq_blocks, _span, _visible, _logits, _lse_log2, tanh),
+    sources=(_attn_bwd_dq_kernel, _bwd_dq_blocks, block_span, visible, logits, lse_log2, load_rows, dot, rounded, tanh),
 )
 ATTENTION_BWD_DKDV = autotune.Kernel(
     "attention_bwd_dkdv", space=tuning.BWD_SPACE, key=tuning.attention_bucket, default=tuning.dkdv_default,
     interpreter=tuning.INTERPRETER, prune=tuning.bwd_fits,
-    sources=(_attn_bwd_dkdv_kernel, _bwd_dkdv_blocks, _span, _visible, _logits, _lse_log2, tanh),
+    sources=(_attn_bwd_dkdv_kernel, _bwd_dkdv_blocks, block_span, visible, logits, lse_log2, load_rows, dot, rounded,
+             tanh),
 )
 
 
@@ -248,7 +228,7 @@ def launch_backward(dout, q, k, v, out, lse, key_padding_mask, window_left, wind
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_d = head_block(head_dim)
     delta = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(cdiv(seqlen_q, DELTA_BLOCK_M), batch * heads_q)](
+    bwd_delta_kernel[(cdiv(seqlen_q, DELTA_BLOCK_M), batch * heads_q)](
         out, dout, delta, seqlen_q, heads_q, *out.stride(), *dout.stride(),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M,
     )

@@ -16,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from tritium.kernels.attention import check_attention_args, check_key_padding_mask, forward_config, launch_forward
+from tritium.kernels.attention import check_attention_args, check_key_padding_mask, launch_forward, run_forward
 from tritium.kernels.online_softmax import head_block
-from tritium.kernels.validation import check_dim, check_like, check_tensor
+from tritium.kernels.tiles import rounded
+from tritium.kernels.validation import check_dim, check_like, check_tensor, is_empty
 from tritium.runtime import capturing, cdiv, custom_op, interpreted, needs_grad, next_power_of_2
 
 MAX_SPLITS = 64
@@ -75,7 +76,7 @@ def _combine_kernel(
         mask=s_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0,
     )
     out = tl.sum(w[:, None] * part, 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(Out + b * stride_ob + t * stride_om + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=d < HEAD_DIM)
+    tl.store(Out + b * stride_ob + t * stride_om + h * stride_oh + d, rounded(out, Out.dtype.element_ty), mask=d < HEAD_DIM)
     lse = tl.where(total == 0.0, float("-inf"), m_safe + tl.log(tl.where(total == 0.0, 1.0, total)))
     tl.store(Lse + (b * heads_q + h) * seqlen_q + t, lse)
 
@@ -102,6 +103,8 @@ def _split_len(q: torch.Tensor, heads_kv: int, max_seqlen: int, pack: int, block
 
 def _append(k_cache, v_cache, k, v, cache_seqlens):
     batch, seqlen_new, heads_kv, head_dim = k.shape
+    if is_empty(batch, seqlen_new, heads_kv):
+        return
     block_t = 16
     _append_kernel[(cdiv(seqlen_new, block_t), batch * heads_kv)](
         k_cache, v_cache, k, v, cache_seqlens, seqlen_new, k_cache.shape[1], heads_kv,
@@ -148,7 +151,7 @@ def _kvcache_op(
             HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_S=next_power_of_2(splits),
         )
 
-    launch(forward_config(q, k_cache, pack=pack, launch=launch, **window))
+    run_forward(q, k_cache, out, lse, launch, pack=pack, **window)
     return out, lse
 
 
@@ -189,9 +192,10 @@ def _check_cache_args(q, k_cache, cache_seqlens, k, v) -> torch.Tensor:
     check_dim("cache_seqlens", cache_seqlens, 0, batch, "batch")
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens: device {cache_seqlens.device} differs from q's {q.device}")
-    if not capturing():
+    if not capturing() and not is_empty(batch):
         # A data-dependent check needs the values on the host: done whenever a sync is
-        # allowed. Under capture the kernels still never write or read past max_seqlen.
+        # allowed (and there are values). Under capture the kernels still never write or
+        # read past max_seqlen.
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         if lo < 0 or hi + seqlen_new > max_seqlen:
             raise ValueError(
@@ -233,6 +237,9 @@ def flash_attention_with_kvcache(
     A tensor cache_seqlens is range-checked on the host (one sync per call) except under
     CUDA-graph capture or torch.compile, where the kernels only clamp to max_seqlen: for
     sync-free eager decode pass an int, or capture the decode step in a CUDA graph.
+    Empty sizes launch nothing needless: batch 0 or 0 new tokens write no cache row,
+    seqlen_q 0 or heads_q 0 still append k/v but attend to nothing, and a max_seqlen 0
+    cache gives out 0 and lse -inf.
 
     Returns out (batch, seqlen_q, heads_q, head_dim), and lse (batch, heads_q, seqlen_q)
     float32 with return_lse.

@@ -21,16 +21,9 @@ import triton.language as tl
 
 from tritium import autotune
 from tritium.kernels.attention import check_attention_args, check_key_padding_mask
-from tritium.kernels.attention_backward import _bwd_delta_kernel
-from tritium.kernels.online_softmax import (
-    _load_rows,
-    _logits,
-    _lse_log2,
-    _softmax_step,
-    dot_precision,
-    head_block,
-)
-from tritium.kernels.validation import check_tensor
+from tritium.kernels.online_softmax import bwd_delta_kernel, head_block, logits, lse_log2, softmax_step
+from tritium.kernels.tiles import dot, dot_precision, load_rows, rounded
+from tritium.kernels.validation import check_tensor, is_empty
 from tritium.runtime import capturing, custom_op, next_power_of_2, run_function
 
 MASK_PENALTY = -10000.0  # transformers' attn_mask_penalty, added to masked keys' scores
@@ -86,7 +79,9 @@ def bigbird_random_layout(
     block i, r distinct random key blocks drawn from the candidates transformers'
     `_bigbird_block_rand_mask` allows (middle blocks away from i's window, with its
     special rows 1, 2, last-2, last-1). Drawn on `device` with torch's RNG (seed it through
-    `generator`): no numpy, so it compiles and can be captured in a CUDA graph."""
+    `generator`): no numpy, so it compiles and can be captured in a CUDA graph. seqlen and
+    block_size as `block_sparse_attention` takes them; heads = 0 gives an empty layout."""
+    _check_blocks("seqlen:", seqlen, block_size, num_random_blocks)
     num_blocks = seqlen // block_size
     allowed = _random_candidates(num_blocks, device)
     noise = torch.rand(heads, num_blocks - 2, num_blocks, generator=generator, device=device)
@@ -151,7 +146,7 @@ def _bs_fwd_kernel(
     offs = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qm, offs_d, stride_qd, d_ok[None, :])
+    q = load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qm, offs_d, stride_qd, d_ok[None, :])
     k_base = K + b * stride_kb + kv_head * stride_kh
     v_base = V + b * stride_vb + kv_head * stride_vh
     km_base = KeyMask + b * stride_mb
@@ -162,16 +157,16 @@ def _bs_fwd_kernel(
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     for j in range(0, tl.load(Counts + qb)):
         cols = tl.load(list_base + j) * BLOCK + offs
-        kT = tl.trans(_load_rows(k_base, cols, stride_kn, offs_d, stride_kd, d_ok[None, :]))
-        v = _load_rows(v_base, cols, stride_vn, offs_d, stride_vd, d_ok[None, :])
-        s, _ = _logits(q, kT, qk_scale, 1.0, False, PRECISION)
+        kT = tl.trans(load_rows(k_base, cols, stride_kn, offs_d, stride_kd, d_ok[None, :]))
+        v = load_rows(v_base, cols, stride_vn, offs_d, stride_vd, d_ok[None, :])
+        s, _ = logits(q, kT, qk_scale, 1.0, False, PRECISION)
         s = s + _key_penalty(km_base, cols, stride_mn, HAS_KEY_MASK)[None, :]
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, PRECISION)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, PRECISION)
 
     keep = _query_keep(km_base, rows, stride_mn, HAS_KEY_MASK)
     out = tl.where(keep[:, None], acc / l_i[:, None], 0.0)
     o_ptrs = Out + ((b * seqlen + rows[:, None]) * heads + h) * HEAD_DIM + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(o_ptrs, rounded(out, Out.dtype.element_ty), mask=d_ok[None, :])
     tl.store(Lse + pid_bh.to(tl.int64) * seqlen + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453)
 
 
@@ -201,9 +196,9 @@ def _bs_bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     km_base = KeyMask + b * stride_mb
     keep = _query_keep(km_base, rows, stride_mn, HAS_KEY_MASK)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qm, offs_d, stride_qd, d_ok[None, :])
-    do = _load_rows(DOut + b * stride_db + h * stride_dh, rows, stride_dm, offs_d, stride_dd, keep[:, None] & d_ok[None, :])
-    lse2 = _lse_log2(Lse + pid_bh.to(tl.int64) * seqlen, rows, rows >= 0)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qm, offs_d, stride_qd, d_ok[None, :])
+    do = load_rows(DOut + b * stride_db + h * stride_dh, rows, stride_dm, offs_d, stride_dd, keep[:, None] & d_ok[None, :])
+    lse2 = lse_log2(Lse + pid_bh.to(tl.int64) * seqlen, rows, rows >= 0)
     delta = tl.load(Delta + pid_bh.to(tl.int64) * seqlen + rows)
     k_base = K + b * stride_kb + kv_head * stride_kh
     v_base = V + b * stride_vb + kv_head * stride_vh
@@ -212,15 +207,15 @@ def _bs_bwd_dq_kernel(
     dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     for j in range(0, tl.load(Counts + qb)):
         cols = tl.load(list_base + j) * BLOCK + offs
-        k = _load_rows(k_base, cols, stride_kn, offs_d, stride_kd, d_ok[None, :])
-        v = _load_rows(v_base, cols, stride_vn, offs_d, stride_vd, d_ok[None, :])
-        s, _ = _logits(q, tl.trans(k), qk_scale, 1.0, False, PRECISION)
+        k = load_rows(k_base, cols, stride_kn, offs_d, stride_kd, d_ok[None, :])
+        v = load_rows(v_base, cols, stride_vn, offs_d, stride_vd, d_ok[None, :])
+        s, _ = logits(q, tl.trans(k), qk_scale, 1.0, False, PRECISION)
         s = s + _key_penalty(km_base, cols, stride_mn, HAS_KEY_MASK)[None, :]
         p = tl.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        dq = tl.dot((p * (dp - delta[:, None])).to(k.dtype), k, dq, input_precision=PRECISION)
+        dp = dot(do, tl.trans(v), None, PRECISION)
+        dq = dot(rounded(p * (dp - delta[:, None]), k.dtype), k, dq, PRECISION)
     dq_ptrs = DQ + ((b * seqlen + rows[:, None]) * heads + h) * HEAD_DIM + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(dq_ptrs, rounded(dq * sm_scale, DQ.dtype.element_ty), mask=d_ok[None, :])
 
 
 @triton.jit
@@ -248,8 +243,8 @@ def _bs_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     slots = tl.arange(0, WIDTH)
     d_ok = offs_d < HEAD_DIM
-    k = _load_rows(K + b * stride_kb + kv_head * stride_kh, cols, stride_kn, offs_d, stride_kd, d_ok[None, :])
-    v = _load_rows(V + b * stride_vb + kv_head * stride_vh, cols, stride_vn, offs_d, stride_vd, d_ok[None, :])
+    k = load_rows(K + b * stride_kb + kv_head * stride_kh, cols, stride_kn, offs_d, stride_kd, d_ok[None, :])
+    v = load_rows(V + b * stride_vb + kv_head * stride_vh, cols, stride_vn, offs_d, stride_vd, d_ok[None, :])
     km_base = KeyMask + b * stride_mb
     penalty = _key_penalty(km_base, cols, stride_mn, HAS_KEY_MASK)
 
@@ -264,19 +259,19 @@ def _bs_bwd_dkdv_kernel(
             if times > 0:
                 rows = qb * BLOCK + offs
                 keep = _query_keep(km_base, rows, stride_mn, HAS_KEY_MASK)
-                q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qm, offs_d, stride_qd, d_ok[None, :])
-                do = _load_rows(DOut + b * stride_db + h * stride_dh, rows, stride_dm, offs_d, stride_dd,
+                q = load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qm, offs_d, stride_qd, d_ok[None, :])
+                do = load_rows(DOut + b * stride_db + h * stride_dh, rows, stride_dm, offs_d, stride_dd,
                                 keep[:, None] & d_ok[None, :])
-                lse2 = _lse_log2(Lse + row_base, rows, rows >= 0)
+                lse2 = lse_log2(Lse + row_base, rows, rows >= 0)
                 delta = tl.load(Delta + row_base + rows)
-                sT, _ = _logits(k, tl.trans(q), qk_scale, 1.0, False, PRECISION)
+                sT, _ = logits(k, tl.trans(q), qk_scale, 1.0, False, PRECISION)
                 pT = tl.exp2(sT + penalty[:, None] - lse2[None, :]) * times
-                dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
-                dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-                dk = tl.dot((pT * (dpT - delta[None, :])).to(q.dtype), q, dk, input_precision=PRECISION)
+                dv = dot(rounded(pT, do.dtype), do, dv, PRECISION)
+                dpT = dot(v, tl.trans(do), None, PRECISION)
+                dk = dot(rounded(pT * (dpT - delta[None, :]), q.dtype), q, dk, PRECISION)
     out_off = ((b * seqlen + cols[:, None]) * heads_kv + kv_head) * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=d_ok[None, :])
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(DK + out_off, rounded(dk * sm_scale, DK.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(DV + out_off, rounded(dv, DV.dtype.element_ty), mask=d_ok[None, :])
 
 
 def _bs_default(**_) -> autotune.Config:
@@ -289,36 +284,42 @@ def _bs_bucket(*, block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
 
 _SPACE = {"num_warps": (2, 4, 8), "num_stages": (1, 2, 3)}
 _INTERPRETER = autotune.Config({}, num_warps=4, num_stages=1)
+_HELPERS = (_key_penalty, _query_keep, load_rows, logits, dot, rounded)
 BLOCK_SPARSE_FWD = autotune.Kernel("block_sparse_fwd", space=_SPACE, key=_bs_bucket, default=_bs_default,
-                                   interpreter=_INTERPRETER, sources=(_bs_fwd_kernel, _key_penalty, _query_keep))
+                                   interpreter=_INTERPRETER, sources=(_bs_fwd_kernel, softmax_step, *_HELPERS))
 BLOCK_SPARSE_BWD_DQ = autotune.Kernel("block_sparse_bwd_dq", space=_SPACE, key=_bs_bucket, default=_bs_default,
-                                      interpreter=_INTERPRETER, sources=(_bs_bwd_dq_kernel, _key_penalty, _query_keep))
+                                      interpreter=_INTERPRETER, sources=(_bs_bwd_dq_kernel, lse_log2, *_HELPERS))
 BLOCK_SPARSE_BWD_DKDV = autotune.Kernel("block_sparse_bwd_dkdv", space=_SPACE, key=_bs_bucket, default=_bs_default,
-                                        interpreter=_INTERPRETER,
-                                        sources=(_bs_bwd_dkdv_kernel, _key_penalty, _query_keep))
+                                        interpreter=_INTERPRETER, sources=(_bs_bwd_dkdv_kernel, lse_log2, *_HELPERS))
 
 
 # ----------------------------------------------------------------------------- host
 
 
-def _check_layout_args(q, k, block_size, num_random_blocks, rand_attn, key_padding_mask) -> None:
-    """Validate the block-sparse arguments before any launch."""
-    batch, seqlen, heads, _ = q.shape
+def _check_blocks(label: str, seqlen, block_size, num_random_blocks) -> None:
+    """block_size a power of two >= 16, num_random_blocks an int >= 0, and seqlen (named
+    by `label`, e.g. "q: seqlen") a multiple of block_size of at least min_seqlen."""
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size: expected a power of two >= 16, got {block_size!r}")
-    if k.shape[1] != seqlen:
-        raise ValueError(f"k: block-sparse attention is self-attention: seqlen {k.shape[1]} must equal q's {seqlen}")
     if seqlen % block_size:
-        raise ValueError(f"q: seqlen {seqlen} is not a multiple of block_size {block_size}: pad the sequence "
+        raise ValueError(f"{label} {seqlen} is not a multiple of block_size {block_size}: pad the sequence "
                          f"(transformers pads to a multiple of the block size)")
     if not isinstance(num_random_blocks, int) or num_random_blocks < 0:
         raise ValueError(f"num_random_blocks: expected an int >= 0, got {num_random_blocks!r}")
     shortest = min_seqlen(block_size, num_random_blocks)
     if seqlen < shortest:
         raise ValueError(
-            f"q: seqlen {seqlen} is too short for the block-sparse layout with block_size {block_size} and "
+            f"{label} {seqlen} is too short for the block-sparse layout with block_size {block_size} and "
             f"{num_random_blocks} random blocks (minimum {shortest}); there full attention is the right choice, "
             f"as transformers makes it: tritium.flash_attention(q, k, v, key_padding_mask=...)")
+
+
+def _check_layout_args(q, k, block_size, num_random_blocks, rand_attn, key_padding_mask) -> None:
+    """Validate the block-sparse arguments before any launch."""
+    batch, seqlen, heads, _ = q.shape
+    if k.shape[1] != seqlen:
+        raise ValueError(f"k: block-sparse attention is self-attention: seqlen {k.shape[1]} must equal q's {seqlen}")
+    _check_blocks("q: seqlen", seqlen, block_size, num_random_blocks)
     num_blocks = seqlen // block_size
     if rand_attn is not None:
         _check_rand_attn(rand_attn, (heads, num_blocks - 2, num_random_blocks), q.device)
@@ -390,6 +391,8 @@ def _forward_op(
     batch, seqlen, heads, head_dim = q.shape
     out = torch.empty((batch, seqlen, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=q.device)
+    if is_empty(batch, heads):
+        return out, lse
     mask, strides = _launch_args(q, k, key_padding_mask, lists)
 
     def launch(config):
@@ -419,8 +422,10 @@ def _backward_op(
     batch, seqlen, heads, head_dim = q.shape
     heads_kv = k.shape[2]
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    if is_empty(batch, heads):  # no query: dq is empty, and k, v (if any) had no effect
+        return dq, dk.zero_(), dv.zero_()
     delta = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(seqlen // block_size, batch * heads)](
+    bwd_delta_kernel[(seqlen // block_size, batch * heads)](
         out, dout, delta, seqlen, heads, *out.stride(), *dout.stride(),
         HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_M=block_size,
     )

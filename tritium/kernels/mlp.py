@@ -26,24 +26,13 @@ import triton.language as tl
 from tritium import autotune
 from tritium.kernels import mlp_tuning as tuning
 from tritium.kernels.activations import activation, activation_grad, check_activation
-from tritium.kernels.online_softmax import dot_precision
 from tritium.kernels.split_k import SOURCES as SPLIT_K_SOURCES
-from tritium.kernels.split_k import _finish, _k_span, _store, epilogue_flags, launch_split_sum, partials, split_len
-from tritium.kernels.validation import check_dim, check_like, check_tensor
+from tritium.kernels.split_k import epilogue_flags, finish, k_span, launch_split_sum, partials, split_len
+from tritium.kernels.tiles import dot, dot_precision, grouped_tile, rounded, store_tile
+from tritium.kernels.validation import as_rows, check_dim, check_like, check_tensor, is_empty
 from tritium.runtime import cdiv, custom_op, needs_grad, next_power_of_2, run_function
 
 ELEMENTWISE_TILE = 4096  # values per program of the backward's elementwise kernels
-
-
-@triton.jit
-def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program in grouped order: GROUP_M row blocks sweep the
-    column blocks together, so the weight tiles they share are still in L2."""
-    pid = tl.program_id(0)
-    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
-    first_m = pid // per_group * GROUP_M
-    group_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
-    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
 
 
 @triton.jit
@@ -72,9 +61,9 @@ def _linear_kernel(
     Pre, the input of act' in the backward. Program axis 1 is the K split: with SPLIT_K > 1
     the tile's partial sums over [split * split_len, +split_len) go to Partial (SPLIT_K,
     M, N) and `split_k._split_sum_kernel` applies the epilogue."""
-    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
-    start, stop = _k_span(split, split_len, K)
+    start, stop = k_span(split, split_len, K)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -85,10 +74,10 @@ def _linear_kernel(
     for k in range(start, stop, BLOCK_K):
         x = _load_k(x_ptrs, offs_k, K - k, 1, EVEN_K)
         w = _load_k(w_ptrs, offs_k, K - k, 0, EVEN_K)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        acc = dot(x, w, acc, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
-    _finish(acc, rows, cols, M, N, Bias, Out, Pre, Partial, split, stride_b, stride_om, stride_on, stride_pm,
+    finish(acc, rows, cols, M, N, Bias, Out, Pre, Partial, split, stride_b, stride_om, stride_on, stride_pm,
             stride_pn, ACTIVATION, HAS_BIAS, STORE_PRE, SPLIT_K)
 
 
@@ -104,7 +93,7 @@ def _gate_up_kernel(
     size: Wg and Wu (N, K) each, any strides (two tensors, or the row halves of GLM-4's
     stacked gate_up_proj), H (M, N). Each X tile feeds both accumulators. STORE_PRE also
     writes gate and up side by side to GateUp (M, 2N)."""
-    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -115,15 +104,15 @@ def _gate_up_kernel(
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         x = _load_k(x_ptrs, offs_k, K - k * BLOCK_K, 1, EVEN_K)
-        acc_g = tl.dot(x, _load_k(g_ptrs, offs_k, K - k * BLOCK_K, 0, EVEN_K), acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(x, _load_k(u_ptrs, offs_k, K - k * BLOCK_K, 0, EVEN_K), acc_u, input_precision=PRECISION)
+        acc_g = dot(x, _load_k(g_ptrs, offs_k, K - k * BLOCK_K, 0, EVEN_K), acc_g, PRECISION)
+        acc_u = dot(x, _load_k(u_ptrs, offs_k, K - k * BLOCK_K, 0, EVEN_K), acc_u, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         g_ptrs += BLOCK_K * stride_gk
         u_ptrs += BLOCK_K * stride_uk
     if STORE_PRE:
-        _store(GateUp, acc_g, rows, cols, M, N, stride_pm, stride_pn)
-        _store(GateUp, acc_u, rows, cols + N, M, 2 * N, stride_pm, stride_pn)
-    _store(H, activation(acc_g, ACTIVATION) * acc_u, rows, cols, M, N, stride_hm, stride_hn)
+        store_tile(GateUp, acc_g, rows, cols, M, N, stride_pm, stride_pn)
+        store_tile(GateUp, acc_u, rows, cols + N, M, 2 * N, stride_pm, stride_pn)
+    store_tile(H, activation(acc_g, ACTIVATION) * acc_u, rows, cols, M, N, stride_hm, stride_hn)
 
 
 @triton.jit
@@ -140,7 +129,7 @@ def _activation_bwd_kernel(
     dy = tl.load(DY + rows * stride_dym + cols * stride_dyn, mask=ok, other=0.0).to(tl.float32)
     pre = tl.load(Pre + rows * stride_pm + cols, mask=ok, other=0.0).to(tl.float32)
     dpre = dy * activation_grad(pre, ACTIVATION)
-    tl.store(DPre + rows * stride_dpm + cols, dpre.to(DPre.dtype.element_ty), mask=ok)
+    tl.store(DPre + rows * stride_dpm + cols, rounded(dpre, DPre.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -160,21 +149,21 @@ def _gated_bwd_kernel(
     up = tl.load(GateUp + rows * stride_gm + N + cols, mask=ok, other=0.0).to(tl.float32)
     act = activation(gate, ACTIVATION)
     dtype = DGateUp.dtype.element_ty
-    tl.store(DGateUp + rows * stride_dgm + cols, (dh * up * activation_grad(gate, ACTIVATION)).to(dtype), mask=ok)
-    tl.store(DGateUp + rows * stride_dgm + N + cols, (dh * act).to(dtype), mask=ok)
-    tl.store(H + rows * stride_hm + cols, (act * up).to(H.dtype.element_ty), mask=ok)
+    tl.store(DGateUp + rows * stride_dgm + cols, rounded(dh * up * activation_grad(gate, ACTIVATION), dtype), mask=ok)
+    tl.store(DGateUp + rows * stride_dgm + N + cols, rounded(dh * act, dtype), mask=ok)
+    tl.store(H + rows * stride_hm + cols, rounded(act * up, H.dtype.element_ty), mask=ok)
 
 
 _ACTIVATION_SOURCES = (activation, activation_grad)
 LINEAR = autotune.Kernel(
     "mlp_linear", space=tuning.LINEAR_SPACE, key=tuning.gemm_bucket, default=tuning.linear_default,
     interpreter=tuning.LINEAR_INTERPRETER, prune=tuning.linear_fits,
-    sources=(_linear_kernel, _tile, _load_k, *SPLIT_K_SOURCES),
+    sources=(_linear_kernel, grouped_tile, _load_k, dot, *SPLIT_K_SOURCES),
 )
 GATE_UP = autotune.Kernel(
     "mlp_gate_up", space=tuning.SPACE, key=tuning.gemm_bucket, default=tuning.gate_up_default,
     interpreter=tuning.INTERPRETER, prune=tuning.gate_up_fits,
-    sources=(_gate_up_kernel, _tile, _load_k, _store, *_ACTIVATION_SOURCES),
+    sources=(_gate_up_kernel, grouped_tile, _load_k, dot, store_tile, rounded, *_ACTIVATION_SOURCES),
 )
 
 
@@ -189,7 +178,7 @@ def launch_linear(x, weight, bias, out, pre, activation_name: str | None) -> Non
     added by `split_k.launch_split_sum`, which applies the epilogue."""
     m, k = x.shape
     n = weight.shape[0]
-    if m == 0 or n == 0:
+    if is_empty(m, n):
         return
 
     def launch(config):
@@ -214,7 +203,7 @@ def launch_gate_up(x, gate_weight, up_weight, h, gate_up, activation_name: str) 
     receive gate and up."""
     m, k = x.shape
     inter = gate_weight.shape[0]
-    if m == 0 or inter == 0:
+    if is_empty(m, inter):
         return
 
     def launch(config):
@@ -459,7 +448,7 @@ def linear(
     Returns (..., out_features) in x's dtype.
     """
     check_linear_args(x, weight, bias, activation)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = as_rows(x)
     grad = needs_grad(x, weight, bias)
     out = run_function(LinearFunction, x2, weight, bias, activation, grad, record=grad)
     return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -484,7 +473,7 @@ def gated_mlp(
     """
     check_gated_mlp_args(x, gate_up_weight, down_weight, activation)
     gate_weight, up_weight = gate_up_weight if _is_pair(gate_up_weight) else gate_up_weight.chunk(2)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = as_rows(x)
     grad = needs_grad(x, gate_weight, up_weight, down_weight)
     out = run_function(GatedMLPFunction, x2, gate_weight, up_weight, down_weight, activation, grad, record=grad)
     return out.reshape(x.shape)

@@ -1,8 +1,8 @@
 """NF4 (4-bit NormalFloat) weights in bitsandbytes' format: quantize, dequantize, and the
 fused dequant-matmul that reads the packed weight once.
 
-Format (DESIGN.md): the weight flattened row-major, cut into blocks of `blocksize`
-elements, each code the index of the nearest of 16 NF4 values to x / absmax(block); two
+Format (ARCHITECTURE.md, "Semantics"): the weight flattened row-major, cut into blocks
+of `blocksize` elements, each code the index of the nearest of 16 NF4 values to x / absmax(block); two
 codes per byte, the earlier element in the high nibble. With double quantization the
 float32 absmax become uint8 codes of the signed 8-bit dynamic map, blockwise (256) around
 their mean: scale = code2[absmax[i]] * absmax2[i // 256] + offset.
@@ -27,10 +27,9 @@ import triton.language as tl
 
 from tritium import autotune
 from tritium.kernels import nf4_tuning as tuning
-from tritium.kernels.mlp import _tile
-from tritium.kernels.online_softmax import dot_precision
-from tritium.kernels.split_k import IDENTITY, SOURCES, _finish, _k_span, launch_split_sum, partials, split_len
-from tritium.kernels.validation import FLOAT_DTYPES, check_device, check_tensor
+from tritium.kernels.split_k import IDENTITY, SOURCES, finish, k_span, launch_split_sum, partials, split_len
+from tritium.kernels.tiles import dot, dot_precision, grouped_tile, rounded
+from tritium.kernels.validation import FLOAT_DTYPES, as_rows, check_device, check_tensor, is_empty
 from tritium.runtime import cdiv, custom_op, run_function
 
 # bitsandbytes' get_4bit_type("nf4"): quantiles of N(0, 1), scaled to [-1, 1], sorted.
@@ -116,9 +115,9 @@ def _check_state(w: NF4Weight) -> None:
     check_blocksize(w.blocksize)
     if w.dtype not in FLOAT_DTYPES:
         raise TypeError(f"NF4Weight.dtype: expected float16, bfloat16 or float32, got {w.dtype}")
+    if not w.shape:
+        raise ValueError(f"NF4Weight.shape: expected a shape of rank >= 1, got {w.shape}")
     numel = math.prod(w.shape)
-    if not w.shape or numel == 0:
-        raise ValueError(f"NF4Weight.shape: expected a non-empty shape, got {w.shape}")
     blocks = -(-numel // w.blocksize)
     _expect("packed", w.packed, torch.uint8, (numel + 1) // 2, f"two 4-bit codes per byte of a {w.shape} weight")
     _expect("code", w.code, torch.float32, 16, "the 16 NF4 values")
@@ -198,7 +197,7 @@ def _quantize_dynamic(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     in float32 steps; an all-zero block gets absmax 0 and code 0."""
     n = values.numel()
     blocks = -(-n // NESTED_BLOCKSIZE)
-    padded = torch.nn.functional.pad(values, (0, blocks * NESTED_BLOCKSIZE - n)).view(blocks, -1)
+    padded = torch.nn.functional.pad(values, (0, blocks * NESTED_BLOCKSIZE - n)).view(blocks, NESTED_BLOCKSIZE)
     absmax2 = padded.abs().amax(dim=1)
     inverse = torch.where(absmax2 > 0, 1.0 / absmax2, torch.zeros_like(absmax2))
     normed = torch.clamp(padded * inverse[:, None], -1, 1)
@@ -211,13 +210,15 @@ def _quantize_dynamic(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
     """NF4-quantize `weight` (any shape, float16/bfloat16/float32), bit-identical to
     bitsandbytes.functional.quantize_4bit(weight, blocksize, quant_type="nf4",
-    compress_statistics=double_quant) on the CPU. Plain PyTorch on weight's device."""
+    compress_statistics=double_quant) on the CPU. Plain PyTorch on weight's device. An
+    empty weight gives an empty state (with double_quant its offset, the mean of no absmax,
+    is NaN, as in bitsandbytes)."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weight: expected dtype float16, bfloat16 or float32, got {weight.dtype}")
-    if weight.dim() == 0 or weight.numel() == 0:
-        raise ValueError(f"weight: expected a non-empty tensor of rank >= 1, got shape {tuple(weight.shape)}")
+    if weight.dim() == 0:
+        raise ValueError("weight: expected a tensor of rank >= 1, got a 0-d tensor")
     check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant: expected bool, got {type(double_quant).__name__}")
@@ -280,7 +281,7 @@ def _dequantize_kernel(P, Code, Absmax, Absmax2, Code2, Offset, Out, numel,
     scale = _scales(Absmax, Absmax2, Code2, Offset, tl.minimum(first, numel - 1) // BLOCKSIZE, NESTED)
     values = tl.interleave(tl.load(Code + (codes >> 4)) * scale, tl.load(Code + (codes & 15)) * scale)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    tl.store(Out + offs, values.to(Out.dtype.element_ty), mask=offs < numel)
+    tl.store(Out + offs, rounded(values, Out.dtype.element_ty), mask=offs < numel)
 
 
 @triton.jit
@@ -300,7 +301,7 @@ def _gemv_kernel(
     offs_j = tl.arange(0, BLOCK_K // 2)
     x_base = X + rows[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    start, stop = _k_span(split, split_len, K)
+    start, stop = k_span(split, split_len, K)
     for k0 in range(start, stop, BLOCK_K):
         hi, lo = _weight_halves(P, Code, Absmax, Absmax2, Code2, Offset, cols % N, k0, K, offs_j,
                                 BLOCKSIZE, NESTED, ALIGNED)
@@ -311,7 +312,7 @@ def _gemv_kernel(
         x_odd = tl.load(x_ptrs + stride_xk, mask=x_ok, other=0.0).to(tl.float32)
         acc += tl.sum(x_even[:, None, :] * hi[None, :, :] + x_odd[:, None, :] * lo[None, :, :], axis=2)
     # No activation, so no pre-activation either: Out stands in for the unused Pre.
-    _finish(acc, rows, cols, M, N, Bias, Out, Out, Partial, split, 1, stride_om, stride_on, 0, 0,
+    finish(acc, rows, cols, M, N, Bias, Out, Out, Partial, split, 1, stride_om, stride_on, 0, 0,
             IDENTITY, HAS_BIAS, False, SPLIT_K)
 
 
@@ -326,7 +327,7 @@ def _gemm_kernel(
     """One (BLOCK_M, BLOCK_N) tile of Out = X @ W^T over one K split: the packed tile is
     dequantized in registers, interleaved into column order, rounded to X's dtype (the
     weight bitsandbytes' dequantize-then-matmul multiplies) and fed to tl.dot."""
-    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -335,7 +336,7 @@ def _gemm_kernel(
     # Rows past the edge wrap around: their loads need no mask, the store drops them.
     x_base = X + (rows % M)[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    start, stop = _k_span(split, split_len, K)
+    start, stop = k_span(split, split_len, K)
     for k0 in range(start, stop, BLOCK_K):
         x_ptrs = x_base + (k0 + offs_k)[None, :] * stride_xk
         if ALIGNED:
@@ -344,16 +345,16 @@ def _gemm_kernel(
             x = tl.load(x_ptrs, mask=(k0 + offs_k < K)[None, :], other=0.0)
         hi, lo = _weight_halves(P, Code, Absmax, Absmax2, Code2, Offset, cols % N, k0, K, offs_j,
                                 BLOCKSIZE, NESTED, ALIGNED)
-        w = tl.interleave(hi, lo).to(X.dtype.element_ty)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    _finish(acc, rows, cols, M, N, Bias, Out, Out, Partial, split, 1, stride_om, stride_on, 0, 0,
+        w = rounded(tl.interleave(hi, lo), X.dtype.element_ty)
+        acc = dot(x, tl.trans(w), acc, PRECISION)
+    finish(acc, rows, cols, M, N, Bias, Out, Out, Partial, split, 1, stride_om, stride_on, 0, 0,
             IDENTITY, HAS_BIAS, False, SPLIT_K)
 
 
 _DECODE = (_scales, _weight_halves, *SOURCES)
 DEQUANTIZE = autotune.Kernel(
     "nf4_dequantize", space=tuning.DEQUANTIZE_SPACE, key=tuning.dequantize_bucket, default=tuning.dequantize_default,
-    interpreter=tuning.DEQUANTIZE_INTERPRETER, sources=(_dequantize_kernel, _scales),
+    interpreter=tuning.DEQUANTIZE_INTERPRETER, sources=(_dequantize_kernel, _scales, rounded),
 )
 GEMV = autotune.Kernel(
     "nf4_gemv", space=tuning.GEMV_SPACE, key=tuning.matmul_bucket, default=tuning.gemv_default,
@@ -362,7 +363,7 @@ GEMV = autotune.Kernel(
 GEMM = autotune.Kernel(
     "nf4_gemm", space=tuning.GEMM_SPACE, key=tuning.matmul_bucket, default=tuning.gemm_default,
     interpreter=tuning.GEMM_INTERPRETER, prune=tuning.gemm_fits,
-    sources=(_gemm_kernel, _tile, *_DECODE),
+    sources=(_gemm_kernel, grouped_tile, dot, rounded, *_DECODE),
 )
 
 
@@ -382,6 +383,8 @@ def launch_dequantize(state: tuple, out: torch.Tensor, blocksize: int) -> None:
     (NF4Weight.tensors()). Floating-point contraction is off: a fused multiply-add would
     round the nested scale differently from bitsandbytes."""
     numel = out.numel()
+    if is_empty(numel):
+        return
 
     def launch(config):
         grid = (cdiv(numel, config.meta["BLOCK"]),)
@@ -396,7 +399,7 @@ def launch_matmul(x: torch.Tensor, state: tuple, bias, out: torch.Tensor, blocks
     `state` (NF4Weight.tensors()), K even; x and out any strides, bias contiguous."""
     m, k = x.shape
     n = out.shape[1]
-    if m == 0 or n == 0:
+    if is_empty(m, n):
         return
     pointers = _pointers(*state)
 
@@ -477,7 +480,9 @@ class NF4MatmulFunction(torch.autograd.Function):
         # would have to beat cuBLAS to win that back. bitsandbytes' QLoRA backward holds
         # the same transient 16-bit W.
         dx = dbias = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and is_empty(*dy.shape):  # no W needed: dx is empty, or zeros
+            dx = dy.new_zeros((dy.shape[0], ctx.shape[1]))
+        elif ctx.needs_input_grad[0]:
             dx = dy @ _dequantize_op(*ctx.saved_tensors, ctx.blocksize, list(ctx.shape), dy.dtype)
         if ctx.needs_input_grad[1]:
             dbias = dy.sum(0)
@@ -534,7 +539,7 @@ def matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, *, p
         bias = bias.contiguous()
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
-    rows = x.reshape(-1, k)
+    rows = as_rows(x)
     chosen = tuning.path(rows.shape[0]) if path == "auto" else path
     out = run_function(NF4MatmulFunction, rows, bias, w.shape, w.blocksize, chosen, *w.tensors())
     return out.reshape(*x.shape[:-1], n)

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from tritium import autotune
-from tritium.kernels.online_softmax import _load_rows
-from tritium.kernels.validation import check_device, check_dim, check_float, check_like, check_tensor
+from tritium.kernels.tiles import add, load_rows, rounded
+from tritium.kernels.validation import as_rows, check_device, check_dim, check_float, check_like, check_tensor, is_empty
 from tritium.runtime import cdiv, custom_op, next_power_of_2, run_function
 
 MAX_HIDDEN = 65536  # one row lives in registers: BLOCK_N floats spread over the warps
@@ -55,7 +55,9 @@ def _scale(W, cols, ok, offset, dtype, CAST_WEIGHT: tl.constexpr):
     and the sum each rounded to `dtype` first, as transformers' x.dtype arithmetic does."""
     w = tl.load(W + cols, mask=ok, other=0.0)
     if CAST_WEIGHT:
-        scale = (w.to(dtype) + offset).to(dtype).to(tl.float32)
+        # float32 spelled out: the compiled kernel promotes to it anyway (offset is a float32
+        # argument), the interpreter passes offset as a Python float and would add in dtype.
+        scale = rounded(rounded(w, dtype).to(tl.float32) + offset, dtype).to(tl.float32)
     else:
         scale = w.to(tl.float32) + offset
     return scale
@@ -79,19 +81,19 @@ def _norm_fwd_kernel(
     ok = row_ok[:, None] & col_ok[None, :]
     row = row.to(tl.int64)
     dtype = X.dtype.element_ty
-    x = _load_rows(X, row, stride_xm, cols, stride_xn, ok)
+    x = load_rows(X, row, stride_xm, cols, stride_xn, ok)
     out_offsets = row[:, None] * hidden + cols[None, :]
     if HAS_RESIDUAL:
         # transformers adds in x's dtype: the rounded sum is both the input and the new residual.
-        x = x + _load_rows(Res, row, stride_rm, cols, stride_rn, ok)
+        x = add(x, load_rows(Res, row, stride_rm, cols, stride_rn, ok))
         tl.store(S + out_offsets, x, mask=ok)
     mean, rstd, n = _normalise(x.to(tl.float32), ok, hidden, eps, RMS)
     if CAST_NORMED:
-        n = n.to(dtype).to(tl.float32)
+        n = rounded(n, dtype).to(tl.float32)
     y = n * _scale(W, cols, col_ok, offset, dtype, CAST_WEIGHT)[None, :]
     if HAS_BIAS:
-        y += tl.load(B + cols, mask=col_ok, other=0.0).to(dtype).to(tl.float32)[None, :]
-    tl.store(Y + out_offsets, y.to(dtype), mask=ok)
+        y += rounded(tl.load(B + cols, mask=col_ok, other=0.0), dtype).to(tl.float32)[None, :]
+    tl.store(Y + out_offsets, rounded(y, dtype), mask=ok)
     tl.store(Rstd + row, rstd, mask=row_ok)
     if not RMS:
         tl.store(Mean + row, mean, mask=row_ok)
@@ -125,8 +127,8 @@ def _norm_bwd_kernel(
         row_ok = row < last
         ok = row_ok[:, None] & col_ok[None, :]
         row = row.to(tl.int64)
-        x = _load_rows(X, row, stride_xm, cols, stride_xn, ok).to(tl.float32)
-        dy = _load_rows(DY, row, stride_dym, cols, stride_dyn, ok).to(tl.float32)
+        x = load_rows(X, row, stride_xm, cols, stride_xn, ok).to(tl.float32)
+        dy = load_rows(DY, row, stride_dym, cols, stride_dyn, ok).to(tl.float32)
         rstd = tl.load(Rstd + row, mask=row_ok, other=0.0)[:, None]
         if RMS:
             n = x * rstd
@@ -139,8 +141,8 @@ def _norm_bwd_kernel(
             dx -= (tl.sum(dn, 1) / hidden)[:, None]
         dx *= rstd
         if HAS_DS:
-            dx += _load_rows(DS, row, stride_dsm, cols, stride_dsn, ok).to(tl.float32)
-        tl.store(DX + row[:, None] * hidden + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
+            dx += load_rows(DS, row, stride_dsm, cols, stride_dsn, ok).to(tl.float32)
+        tl.store(DX + row[:, None] * hidden + cols[None, :], rounded(dx, DX.dtype.element_ty), mask=ok)
         if HAS_BIAS:
             db += tl.sum(dy, 0)
     tl.store(DW + pid * hidden + cols, dw, mask=col_ok)
@@ -186,7 +188,7 @@ NORM_FWD = autotune.Kernel(
     "norm_fwd", space={"BLOCK_M": (1, 2, 4, 8, 16, 32), "num_warps": (1, 2, 4, 8, 16, 32), "num_stages": (1,)},
     key=norm_bucket, default=_fwd_default, prune=_fits,
     interpreter=autotune.Config({"BLOCK_M": 16}, num_warps=1, num_stages=1),
-    sources=(_norm_fwd_kernel, _normalise, _scale, _load_rows),
+    sources=(_norm_fwd_kernel, _normalise, _scale, load_rows, add, rounded),
 )
 # PER_SM: backward programs per SM; more programs, more partial sums to add up afterwards.
 NORM_BWD = autotune.Kernel(
@@ -194,7 +196,7 @@ NORM_BWD = autotune.Kernel(
                        "num_stages": (1, 2)},
     key=norm_bucket, default=_bwd_default, prune=_fits,
     interpreter=autotune.Config({"BLOCK_M": 8, "PER_SM": 2}, num_warps=1, num_stages=1),
-    sources=(_norm_bwd_kernel, _scale, _load_rows),
+    sources=(_norm_bwd_kernel, _scale, load_rows, rounded),
 )
 
 
@@ -205,12 +207,6 @@ def _sm_count(device: torch.device) -> int:
 
 
 # ----------------------------------------------------------------------------- launchers
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x (..., hidden) as (rows, hidden): a view when the leading dims flatten to one
-    stride (any row and column strides), a copy otherwise."""
-    return x.reshape(-1, x.shape[-1])
 
 
 def _launch_forward(x2, r2, weight, bias, y, s, mean, rstd, config, *, eps, offset, rms, cast_weight, cast_normed):
@@ -234,13 +230,13 @@ def _forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, new_residual, mean, rstd): y and new_residual contiguous in x's shape and dtype
     (new_residual empty without a residual), mean/rstd (rows,) float32 (mean empty for RMS)."""
-    x2, r2 = _rows(x), None if residual is None else _rows(residual)
+    x2, r2 = as_rows(x), None if residual is None else as_rows(residual)
     rows, hidden = x2.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s = torch.empty(x.shape if residual is not None else 0, dtype=x.dtype, device=x.device)
     mean = torch.empty(0 if rms else rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-    if rows == 0:
+    if is_empty(rows):
         return y, s, mean, rstd
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -291,20 +287,19 @@ def _backward_op(
     """(dx, dweight, dbias): dx contiguous in x's dtype (the gradient of the normalised input,
     plus ds, the gradient of the new residual, when given); dweight/dbias in weight's dtype
     (dbias empty without a bias)."""
-    x2, dy2, ds2 = _rows(x), _rows(dy), None if ds is None else _rows(ds)
+    x2, dy2, ds2 = as_rows(x), as_rows(dy), None if ds is None else as_rows(ds)
     rows, hidden = x2.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if is_empty(rows):  # no row: the weight and bias had no effect
+        return dx, weight.new_zeros(hidden), weight.new_zeros(hidden if has_bias else 0)
     weight = weight.contiguous()
 
     def launch(config):
-        # Every program writes its whole row of partial sums (no fill needed), unless there
-        # are no rows and so no launch.
-        alloc = torch.empty if rows else torch.zeros
-        dw = alloc(_programs(rows, config, x.device), hidden, dtype=torch.float32, device=x.device)
-        db = alloc(dw.shape, dtype=torch.float32, device=x.device) if has_bias else dw[:0]
-        if rows:
-            _launch_backward(dy2, ds2, x2, weight, mean, rstd, dx, dw, db, config, offset=offset, rms=rms,
-                             cast_weight=cast_weight)
+        # Every program writes its whole row of partial sums: no fill needed.
+        dw = torch.empty(_programs(rows, config, x.device), hidden, dtype=torch.float32, device=x.device)
+        db = torch.empty(dw.shape, dtype=torch.float32, device=x.device) if has_bias else dw[:0]
+        _launch_backward(dy2, ds2, x2, weight, mean, rstd, dx, dw, db, config, offset=offset, rms=rms,
+                         cast_weight=cast_weight)
         return dw, db
 
     dw, db = launch(NORM_BWD.lookup(launch, hidden=hidden, dtype=x.dtype, rows=rows))

@@ -1,6 +1,7 @@
 """Score and softmax conventions shared by every attention kernel (dense, decode,
 block-sparse): the one mask predicate, the one score function, the one online-softmax
-update, and the host-side constants they expect.
+update, the softmax-gradient row term of both backward passes, and the host-side
+constants they expect.
 
 Scores are kept in log2 units (the softmax scale folded into log2(e)) so the inner loops
 use exp2; lse is returned in natural units.
@@ -8,18 +9,18 @@ use exp2; lse is returned in natural units.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from tritium.kernels.activations import tanh
+from tritium.kernels.tiles import dot, load_rows, rounded
 from tritium.runtime import next_power_of_2
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _span(first, last, reach_lo, reach_hi, length, BLOCK: tl.constexpr):
+def block_span(first, last, reach_lo, reach_hi, length, BLOCK: tl.constexpr):
     """Blocks of an axis of `length` seen by a tile covering coordinates [first, last].
 
     Coordinate x sees indices [x - reach_lo, x + reach_hi]. Returns (lo, full_lo, full_hi,
@@ -38,19 +39,19 @@ def _span(first, last, reach_lo, reach_hi, length, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _visible(pos, key, left, right, seqlen_k):
+def visible(pos, key, left, right, seqlen_k):
     """The mask predicate: query at position `pos` sees key index `key` (broadcastable)."""
     return (key >= pos - left) & (key <= pos + right) & (key < seqlen_k)
 
 
 @triton.jit
-def _logits(a, b, qk_scale, cap_log2, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+def logits(a, b, qk_scale, cap_log2, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """Scores of a @ b in log2 units, and the tanh of the softcap (for its derivative).
 
     Without softcap qk_scale = scale * log2(e); with it, qk_scale = scale / softcap and
     cap_log2 = softcap * log2(e), so s = softcap * tanh(qk * scale / softcap) * log2(e).
     """
-    qk = tl.dot(a, b, input_precision=PRECISION)
+    qk = dot(a, b, None, PRECISION)
     if SOFTCAP:
         t = tanh(qk * qk_scale)
         return t * cap_log2, t
@@ -59,7 +60,7 @@ def _logits(a, b, qk_scale, cap_log2, SOFTCAP: tl.constexpr, PRECISION: tl.const
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
+def softmax_step(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
     """One online-softmax update with a (M, N) tile of log2 scores s (-inf where hidden)
     and its (N, D) values v. A row that has seen no visible key keeps m = -inf, l = 0."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -67,31 +68,42 @@ def _softmax_step(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    acc = dot(rounded(p, v.dtype), v, acc * alpha[:, None], PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _load_rows(base, rows, stride_row, offs_d, stride_d, ok):
-    """A (rows, head_dim) tile of a strided (seqlen, head_dim) slice; 0 where not ok."""
-    return tl.load(base + rows[:, None] * stride_row + offs_d[None, :] * stride_d, mask=ok, other=0.0)
-
-
-@triton.jit
-def _lse_log2(Lse, rows, ok):
+def lse_log2(Lse, rows, ok):
     """Load natural-log lse as log2 units for recomputing P = exp2(s - lse). Rows that saw
     no key have lse = -inf; +inf makes every p of theirs exp2(-inf) = 0."""
     lse = tl.load(Lse + rows, mask=ok, other=float("inf"))
     return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs get true float32 products; the low-precision dtypes ignore this."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+@triton.jit
+def bwd_delta_kernel(
+    Out, DOut, Delta, seqlen_q, heads_q,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_db, stride_dm, stride_dh, stride_dd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Delta[b, h, i] = sum_d Out * dOut (float32), the softmax-gradient row term, for the
+    dense and the block-sparse backward passes."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads_q).to(tl.int64)
+    h = pid_bh % heads_q
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    o = load_rows(Out + b * stride_ob + h * stride_oh, rows, stride_om, offs_d, stride_od, ok)
+    do = load_rows(DOut + b * stride_db + h * stride_dh, rows, stride_dm, offs_d, stride_dd, ok)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * seqlen_q + rows, delta, mask=rows < seqlen_q)
 
 
 def score_scales(scale: float, softcap: float) -> tuple[float, float]:
-    """(qk_scale, cap_log2) for `_logits`."""
+    """(qk_scale, cap_log2) for `logits`."""
     if softcap > 0:
         return scale / softcap, softcap * LOG2E
     return scale * LOG2E, 1.0

@@ -19,7 +19,8 @@ import triton.language as tl
 
 from tritium import autotune
 from tritium.autotune import Config
-from tritium.kernels.validation import check_dim, check_like, check_tensor
+from tritium.kernels.tiles import rounded
+from tritium.kernels.validation import check_dim, check_like, check_tensor, is_empty
 from tritium.runtime import cdiv, custom_op, needs_grad, next_power_of_2, run_function
 
 
@@ -47,14 +48,14 @@ def _rotate_heads(
         x = tl.load(x_base + cols * stride_xd, mask=mask, other=0.0).to(tl.float32)
         x1, x2 = tl.split(tl.reshape(x, (BLOCK_S, BLOCK_H, BLOCK_HALF, 2)))
         out = tl.reshape(tl.join(x1 * c - x2 * s, x2 * c + x1 * s), (BLOCK_S, BLOCK_H, 2 * BLOCK_HALF))
-        tl.store(o_base + cols * stride_od, out.to(Out.dtype.element_ty), mask=mask)
+        tl.store(o_base + cols * stride_od, rounded(out, Out.dtype.element_ty), mask=mask)
     else:
         offs = tl.arange(0, BLOCK_HALF)[None, None, :]
         mask = ok & (offs < HALF)
         x1 = tl.load(x_base + offs * stride_xd, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_base + (offs + HALF) * stride_xd, mask=mask, other=0.0).to(tl.float32)
-        tl.store(o_base + offs * stride_od, (x1 * c - x2 * s).to(Out.dtype.element_ty), mask=mask)
-        tl.store(o_base + (offs + HALF) * stride_od, (x2 * c + x1 * s).to(Out.dtype.element_ty), mask=mask)
+        tl.store(o_base + offs * stride_od, rounded(x1 * c - x2 * s, Out.dtype.element_ty), mask=mask)
+        tl.store(o_base + (offs + HALF) * stride_od, rounded(x2 * c + x1 * s, Out.dtype.element_ty), mask=mask)
     if REST > 0:
         cols = 2 * HALF + tl.arange(0, BLOCK_REST)[None, None, :]
         rest_mask = ok & (cols < 2 * HALF + REST)
@@ -151,7 +152,7 @@ def rotary_default(*, head_dim: int, heads_q: int, heads_kv: int, tokens: int, *
 
 ROTARY = autotune.Kernel(
     "rotary", space=SPACE, key=rotary_bucket, default=rotary_default, interpreter=INTERPRETER,
-    prune=rotary_fits, sources=(_rotary_kernel, _rotate_heads),
+    prune=rotary_fits, sources=(_rotary_kernel, _rotate_heads, rounded),
 )
 
 
@@ -183,6 +184,11 @@ def _launch(q, k, q_out, k_out, cos, sin, offsets, offset, config, *, interleave
     )
 
 
+def _nothing_to_rotate(q, k) -> bool:
+    """No token, or no head in q and k together."""
+    return is_empty(q.shape[0], q.shape[1], q.shape[2] + (k.shape[2] if k is not None else 0))
+
+
 def _config(q, k, cos, interleaved, launch) -> Config:
     _, seqlen, heads_q, head_dim = q.shape
     return ROTARY.lookup(
@@ -202,7 +208,8 @@ def _rotary_op(
         _launch(q, k, q_out, k_out, cos, sin, seqlen_offsets, offset, config,
                 interleaved=interleaved, conjugate=conjugate, copy_rest=True)
 
-    launch(_config(q, k, cos, interleaved, launch))
+    if not _nothing_to_rotate(q, k):
+        launch(_config(q, k, cos, interleaved, launch))
     return [q_out] if k is None else [q_out, k_out]
 
 
@@ -216,6 +223,8 @@ def _rotary_inplace_op(
     q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
     seqlen_offsets: Optional[torch.Tensor], offset: int, interleaved: bool,
 ) -> None:
+    if _nothing_to_rotate(q, k):
+        return
     options = dict(interleaved=interleaved, conjugate=False)
 
     def trial(config):

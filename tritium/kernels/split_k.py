@@ -3,7 +3,7 @@ tokens): the K range is cut into SPLIT_K slices, each run by its own programs, a
 float32 partial sums are added afterwards in split order (deterministic, unlike atomics).
 
 Shared by `linear` (mlp.py) and the NF4 matmul (nf4.py). A GEMM kernel computes its tile
-over `_k_span` and hands the accumulator to `_finish`: with one split it applies the
+over `k_span` and hands the accumulator to `finish`: with one split it applies the
 epilogue in registers (bias, the pre-activation for the backward, activation, cast); with
 several it stores the partial sums, and `_split_sum_kernel` applies that same epilogue to
 their total.
@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from tritium.kernels.activations import activation
+from tritium.kernels.tiles import rounded, store_tile
 from tritium.runtime import cdiv, next_power_of_2
 
 NO_ACTIVATION = "none"  # the name `activations.activation` treats as the identity
@@ -25,18 +26,11 @@ SUM_ROWS = 16  # at most this many rows per reduction tile: decode has few, colu
 
 
 @triton.jit
-def _k_span(split, split_len, K):
+def k_span(split, split_len, K):
     """(start, stop): the part of [0, K) that split `split` covers; split_len is a
     multiple of the K step, so only the last split can be short (or empty)."""
     start = split * split_len
     return start, tl.minimum(start + split_len, K)
-
-
-@triton.jit
-def _store(Out, value, rows, cols, M, N, stride_m, stride_n):
-    """Store a float32 tile in Out's dtype, dropping rows >= M and columns >= N."""
-    ptrs = Out + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n
-    tl.store(ptrs, value.to(Out.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 @triton.jit
@@ -47,12 +41,12 @@ def _epilogue(acc, rows, cols, M, N, Bias, Out, Pre, stride_b, stride_om, stride
     if HAS_BIAS:
         acc += tl.load(Bias + cols * stride_b, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if STORE_PRE:
-        _store(Pre, acc, rows, cols, M, N, stride_pm, stride_pn)
-    _store(Out, activation(acc, ACTIVATION), rows, cols, M, N, stride_om, stride_on)
+        store_tile(Pre, acc, rows, cols, M, N, stride_pm, stride_pn)
+    store_tile(Out, activation(acc, ACTIVATION), rows, cols, M, N, stride_om, stride_on)
 
 
 @triton.jit
-def _finish(acc, rows, cols, M, N, Bias, Out, Pre, Partial, split,
+def finish(acc, rows, cols, M, N, Bias, Out, Pre, Partial, split,
             stride_b, stride_om, stride_on, stride_pm, stride_pn,
             ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, SPLIT_K: tl.constexpr):
     """Store the float32 tile acc of Out[rows, cols] (M, N). One split: `_epilogue`.
@@ -61,7 +55,7 @@ def _finish(acc, rows, cols, M, N, Bias, Out, Pre, Partial, split,
         _epilogue(acc, rows, cols, M, N, Bias, Out, Pre, stride_b, stride_om, stride_on, stride_pm, stride_pn,
                   ACTIVATION, HAS_BIAS, STORE_PRE)
     else:
-        _store(Partial + split.to(tl.int64) * M * N, acc, rows, cols, M, N, N, 1)
+        store_tile(Partial + split.to(tl.int64) * M * N, acc, rows, cols, M, N, N, 1)
 
 
 @triton.jit
@@ -84,8 +78,8 @@ def _split_sum_kernel(
               ACTIVATION, HAS_BIAS, STORE_PRE)
 
 
-# What a kernel that ends in `_finish` is built from, for its autotune source hash.
-SOURCES = (_k_span, _store, _epilogue, _finish, _split_sum_kernel, activation)
+# What a kernel that ends in `finish` is built from, for its autotune source hash.
+SOURCES = (k_span, store_tile, rounded, _epilogue, finish, _split_sum_kernel, activation)
 
 
 def split_len(k: int, block_k: int, split: int) -> int:

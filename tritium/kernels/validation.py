@@ -65,6 +65,23 @@ def check_head_dim(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name}: head_dim must be in [1, {MAX_HEAD_DIM}], got {x.shape[-1]}")
 
 
+def is_empty(*sizes: int) -> bool:
+    """True when a problem has a zero size (batch, rows, tokens, heads, ...): its result is
+    empty, or a constant the host fills, so the op returns it with no kernel launch and no
+    config lookup (which could tune on an empty problem)."""
+    return 0 in sizes
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., features) as (rows, features), rows the product of the leading dims: a view
+    when they flatten to one stride, a copy otherwise. Unlike reshape(-1, features), it
+    takes features = 0 (where -1 is ambiguous)."""
+    rows = 1
+    for size in x.shape[:-1]:
+        rows *= size
+    return x.reshape(rows, x.shape[-1])
+
+
 def check_float(name: str, value, *, minimum: float = -math.inf, strict: bool = False, note: str = "") -> None:
     """value must be a finite real number >= minimum (> minimum when strict)."""
     real = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
