@@ -2,6 +2,7 @@
 must be set before triton is first imported, which is why it happens here, at collection."""
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -26,6 +27,30 @@ def nan_padded(shape, dtype) -> torch.Tensor:
     buffer = torch.full((*shape[:-1], shape[-1] + 16), float("nan"), device=DEVICE, dtype=dtype)
     buffer[..., : shape[-1]] = torch.randn(shape, device=DEVICE, dtype=dtype)
     return buffer[..., : shape[-1]]
+
+
+# What fills the fences around a fenced tensor: a kernel that reads one gets NaN, or an
+# index far out of any range, into its result.
+FENCE_VALUES = {torch.uint8: 0xFF, torch.int32: 2**30, torch.int64: 2**40}
+
+
+def fenced(x: torch.Tensor, pad: int = 1024) -> tuple[torch.Tensor, Callable[[], None]]:
+    """x copied into the middle of a buffer with `pad` fence elements on each side (NaN for
+    floats, FENCE_VALUES for integers): returns the copy (x's shape, contiguous) and a
+    function asserting that the fences still hold their values, bit for bit (nothing wrote
+    past the tensor)."""
+    fill = float("nan") if x.is_floating_point() else FENCE_VALUES[x.dtype]
+    buffer = torch.full((x.numel() + 2 * pad,), fill, dtype=x.dtype, device=x.device)
+    inner = buffer[pad : pad + x.numel()].view(x.shape)
+    inner.copy_(x)
+    fences = torch.cat([buffer[:pad], buffer[pad + x.numel() :]]).clone()
+
+    def untouched() -> None:
+        now = torch.cat([buffer[:pad], buffer[pad + x.numel() :]])
+        same = now.view(torch.uint8) == fences.view(torch.uint8)
+        assert bool(same.all()), f"{int((~same).sum())} bytes written past a {tuple(x.shape)} {x.dtype} tensor"
+
+    return inner, untouched
 
 
 def pytest_collection_modifyitems(config, items):
