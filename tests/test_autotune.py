@@ -141,33 +141,6 @@ def test_shipped_table_then_cache_precedence(gpu_world):
     assert kernel.lookup(None, n=64, dtype="f16").meta == {"BLOCK": 32}
 
 
-@pytest.mark.parametrize(
-    "content,reason",
-    [
-        ("{not json", "not valid JSON"),
-        ('{"schema": "tritium-autotune/1", "sku": ', "not valid JSON"),  # truncated
-        ('{"schema": "something-else/3", "entries": {}}', "not a tritium-autotune/1 file"),
-        (json.dumps({"schema": store.SCHEMA, "sku": OTHER_SKU.to_json(), "entries": {}}), "tuned for another GPU"),
-        (json.dumps({"schema": store.SCHEMA, "sku": SKU.to_json(), "entries": []}), "malformed 'entries'"),
-    ],
-)
-def test_bad_files_warn_once_and_are_ignored(gpu_world, content, reason):
-    path = store.cache_path(SKU)
-    path.parent.mkdir(parents=True)
-    path.write_text(content)
-    with pytest.warns(RuntimeWarning, match=reason):
-        assert store.read_table(path, SKU) == {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert store.read_table(path, SKU) == {}  # no second warning
-    kernel = toy_kernel()
-    assert kernel.lookup(None, n=64, dtype="f16") == kernel.default()
-    # Tuning (in a new process) over a bad file replaces it with a good one.
-    autotune.reset()
-    assert _tune_once(kernel).meta == {"BLOCK": 32}
-    assert "toy" in json.loads(path.read_text())["entries"]
-
-
 def test_unwritable_path_keeps_results_in_memory(gpu_world, monkeypatch):
     """A file where the cache directory should be: unwritable for every user, root included
     (root ignores permission bits)."""

@@ -20,8 +20,9 @@ class Sku:
 
     @property
     def slug(self) -> str:
-        """File-name form, e.g. nvidia-h100-80gb-hbm3-132sm."""
-        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-") + f"-{self.sm_count}sm"
+        """File-name form naming every field, e.g. nvidia-h100-80gb-hbm3-132sm-80gib-cc90."""
+        text = f"{self.name}-{self.sm_count}sm-{self.memory_gib}gib-cc{self.capability.replace('.', '')}"
+        return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
     def to_json(self) -> dict:
         return asdict(self)

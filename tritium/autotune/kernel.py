@@ -3,7 +3,9 @@
 Lookup order: override (tests) -> in-process memo -> the user's cache -> the table shipped
 for this GPU -> tune, when asked and allowed -> heuristic default. A cached or shipped
 entry counts only if it was tuned for this SKU (its file), this Triton version and this
-kernel's source hash: editing one kernel invalidates that kernel's entries alone.
+kernel's source hash: editing one kernel invalidates that kernel's entries alone. Its config
+must also be one the kernel may launch for the bucket (`Kernel.config_problem`): anything
+else read from a file is dropped with one warning, never launched.
 """
 
 from __future__ import annotations
@@ -99,9 +101,9 @@ class Kernel:
         sku = active_sku()
         name = bucket_name(bucket)
         if sku is not None:
-            for source in ("cache", "table"):
+            for source, path in (("cache", store.cache_path(sku)), ("table", store.shipped_path(sku))):
                 entry = tables(sku)[source].get(self.name, {}).get(name)
-                config = self._valid(entry)
+                config = self._from_file(entry, bucket, f"entry {self.name} [{name}] of {path}")
                 if config is not None:
                     STATS[self.name, source] += 1
                     return config
@@ -114,17 +116,50 @@ class Kernel:
         STATS[self.name, "default"] += 1
         return default
 
-    def _valid(self, entry) -> Config | None:
+    def _from_file(self, entry, bucket: dict | None, where: str | None) -> Config | None:
+        """The config of a cached or shipped `entry`, or None: when there is none, when it
+        was tuned for other code (another source hash or Triton version: old, not wrong),
+        or when it is not a config this kernel may launch for `bucket` (one warning naming
+        `where`, unless that is None)."""
         import triton
 
-        if not isinstance(entry, dict) or entry.get("source") != self.source_hash:
+        if entry is None:
             return None
-        if entry.get("triton") != triton.__version__:
+        if not isinstance(entry, dict):
+            problem = f"{_shown(entry)} is not an object"
+        elif entry.get("source") != self.source_hash or entry.get("triton") != triton.__version__:
             return None
-        try:
-            return Config.from_json(entry["config"])
-        except (KeyError, TypeError, ValueError, AttributeError):
+        else:
+            problem = self.config_problem(entry.get("config"), bucket)
+        if problem:
+            if where is not None:
+                store.warn_once(f"ignoring {where}: {problem}")
             return None
+        return Config.from_json(entry["config"])
+
+    def config_problem(self, data, bucket: dict | None) -> str:
+        """Why `data` (a config as JSON, read from a file) must not be launched for `bucket`,
+        "" when it may: it names every parameter of the space (num_warps and num_stages
+        included) and no other, each value an int among that parameter's candidates, and
+        the pruning rule keeps it for the bucket. The bucket's heuristic default is allowed
+        as it is (the tuner saves it when it wins). With no bucket, only the space is checked."""
+        if not isinstance(data, dict):
+            return f"config {_shown(data)} is not an object"
+        wrong = [f"{k}={_shown(v)}" for k, v in data.items() if type(v) is not int]
+        if wrong:
+            return f"{', '.join(wrong)}: not an integer"
+        config = Config.from_json(data) if {"num_warps", "num_stages"} <= data.keys() else None
+        if bucket is not None and config is not None and config == self.default(**bucket):
+            return ""
+        missing, unknown = sorted(self.space.keys() - data.keys()), sorted(data.keys() - self.space.keys())
+        if missing or unknown:
+            return f"parameters missing {missing}, unknown {unknown}; the space has {sorted(self.space)}"
+        outside = [f"{k}={v} is not one of {self.space[k]}" for k, v in data.items() if v not in self.space[k]]
+        if outside:
+            return "; ".join(outside)
+        if bucket is not None and not self.prune(config, bucket):
+            return f"{config} is pruned for this bucket (cannot run there)"
+        return ""
 
     def _save(self, sku: Sku, name: str, result: tuner.Result) -> None:
         import triton
@@ -159,13 +194,19 @@ def state() -> dict:
 
 
 def valid_entries(sku: Sku) -> dict[str, dict[str, dict]]:
-    """The cached entries for `sku` that still match their kernel's source and this Triton:
-    what `tritium tune --export` ships."""
+    """The cached entries for `sku` that still match their kernel's source and this Triton,
+    with a config in the kernel's space: what `tritium tune --export` ships."""
     cache = tables(sku)["cache"]
     return {
-        name: {b: e for b, e in cache.get(name, {}).items() if kernel._valid(e) is not None}
+        name: {b: e for b, e in cache.get(name, {}).items() if kernel._from_file(e, None, None) is not None}
         for name, kernel in KERNELS.items() if cache.get(name)
     }
+
+
+def _shown(value) -> str:
+    """repr of a value read from a file, cut short for a warning."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def bucket_name(bucket: dict) -> str:

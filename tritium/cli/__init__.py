@@ -180,7 +180,8 @@ def _tune_command(args: argparse.Namespace, argv: list[str]) -> None:
     if args.export is not None:
         path = Path(args.export) if args.export else store.shipped_path(sku)
         entries = autotune.valid_entries(sku)
-        store.write_entries(path, sku, entries)
+        if not store.write_entries(path, sku, entries):
+            raise SystemExit(f"nothing exported: {path} could not be written (the warning above says why)")
         print(f"exported {sum(map(len, entries.values()))} entries to {path}")
 
 
