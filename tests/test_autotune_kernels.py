@@ -2,6 +2,8 @@
 the interpreter here), the fastest by an injected timer wins, the result still equals the
 reference, and a new process finds the winners in the cache. A fake SKU stands in for the GPU."""
 
+import itertools
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -11,7 +13,9 @@ from tritium import autotune, reference
 from tritium.autotune import kernel as kernel_module
 from tritium.autotune import store
 from tritium.autotune.device import Sku
+from tritium.kernels.attention import ATTENTION_FWD
 from tritium.kernels.attention_backward import ATTENTION_BWD_DKDV, ATTENTION_BWD_DQ
+from tritium.kernels.norm import NORM_BWD, NORM_FWD
 
 SKU = Sku("NVIDIA Fake Tuning GPU", 8, 16, "9.0")
 
@@ -68,3 +72,27 @@ def test_attention_tunes_through_its_launch_closures(fake_gpu):
         tritium.flash_attention(q, k, v, causal=True)
     assert timer.calls == tried and not autotune.TUNED
 
+
+
+def _in_space(kernel, config) -> bool:
+    values = {**config.meta, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    return values.keys() == kernel.space.keys() and all(values[k] in kernel.space[k] for k in values)
+
+
+@pytest.mark.parametrize("kernel", [ATTENTION_FWD, ATTENTION_BWD_DQ, ATTENTION_BWD_DKDV])
+def test_attention_defaults_lie_in_their_space(kernel):
+    # A default outside the space could never be compared with a tuned config of the
+    # space, and a cached copy of it would be refused as foreign to the kernel.
+    for head_dim, dtype, pack, seqlen in itertools.product(
+        (8, 64, 96, 128, 192, 256), (torch.float16, torch.bfloat16, torch.float32), (1, 4, 16, 64), (1, 128, 16384)
+    ):
+        bucket = kernel.key(head_dim=head_dim, dtype=dtype, seqlen_q=seqlen, seqlen_k=seqlen, window_left=-1,
+                            window_right=0, softcap=0.0, group=pack, pack=pack)
+        assert _in_space(kernel, kernel.default(**bucket)), bucket
+
+
+@pytest.mark.parametrize("kernel", [NORM_FWD, NORM_BWD])
+def test_norm_defaults_lie_in_their_space(kernel):
+    for hidden, rows in itertools.product((1, 16, 64, 1000, 4096, 65536), (1, 7, 512, 1 << 20)):
+        bucket = kernel.key(hidden=hidden, dtype=torch.bfloat16, rows=rows)
+        assert _in_space(kernel, kernel.default(**bucket)), bucket

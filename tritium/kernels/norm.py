@@ -168,32 +168,36 @@ def _fits(config: autotune.Config, bucket: dict) -> bool:
     return config.meta["BLOCK_M"] <= bucket["rows"] and threads <= tile <= 64 * threads
 
 
-def _tile_default(block_n: int, rows: int, elements: int) -> tuple[int, int]:
-    """(BLOCK_M, num_warps): about `elements` values per program, 16 per thread."""
-    block_m = max(1, min(rows, elements // block_n))
+FWD_SPACE = {"BLOCK_M": (1, 2, 4, 8, 16, 32), "num_warps": (1, 2, 4, 8, 16, 32), "num_stages": (1,)}
+BWD_SPACE = {"BLOCK_M": (1, 2, 4, 8, 16), "PER_SM": (1, 2, 4), "num_warps": (1, 2, 4, 8, 16, 32), "num_stages": (1, 2)}
+
+
+def _tile_default(block_n: int, rows: int, elements: int, most: int) -> tuple[int, int]:
+    """(BLOCK_M, num_warps): about `elements` values per program, 16 per thread, at most
+    `most` rows (the largest BLOCK_M of the kernel's space)."""
+    block_m = max(1, min(rows, elements // block_n, most))
     return block_m, min(32, max(1, block_m * block_n // 512))
 
 
 def _fwd_default(*, block_n: int, rows: int, **_) -> autotune.Config:
-    block_m, warps = _tile_default(block_n, rows, 4096)
+    block_m, warps = _tile_default(block_n, rows, 4096, max(FWD_SPACE["BLOCK_M"]))
     return autotune.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=1)
 
 
 def _bwd_default(*, block_n: int, rows: int, **_) -> autotune.Config:
-    block_m, warps = _tile_default(block_n, rows, 2048)
+    block_m, warps = _tile_default(block_n, rows, 2048, max(BWD_SPACE["BLOCK_M"]))
     return autotune.Config({"BLOCK_M": block_m, "PER_SM": 2}, num_warps=warps, num_stages=1)
 
 
 NORM_FWD = autotune.Kernel(
-    "norm_fwd", space={"BLOCK_M": (1, 2, 4, 8, 16, 32), "num_warps": (1, 2, 4, 8, 16, 32), "num_stages": (1,)},
+    "norm_fwd", space=FWD_SPACE,
     key=norm_bucket, default=_fwd_default, prune=_fits,
     interpreter=autotune.Config({"BLOCK_M": 16}, num_warps=1, num_stages=1),
     sources=(_norm_fwd_kernel, _normalise, _scale, load_rows, add, rounded),
 )
 # PER_SM: backward programs per SM; more programs, more partial sums to add up afterwards.
 NORM_BWD = autotune.Kernel(
-    "norm_bwd", space={"BLOCK_M": (1, 2, 4, 8, 16), "PER_SM": (1, 2, 4), "num_warps": (1, 2, 4, 8, 16, 32),
-                       "num_stages": (1, 2)},
+    "norm_bwd", space=BWD_SPACE,
     key=norm_bucket, default=_bwd_default, prune=_fits,
     interpreter=autotune.Config({"BLOCK_M": 8, "PER_SM": 2}, num_warps=1, num_stages=1),
     sources=(_norm_bwd_kernel, _scale, load_rows, rounded),
