@@ -25,7 +25,7 @@ from tritium.kernels import attention_backward as backward
 from tritium.kernels import attention_tuning as tuning
 
 SCALARS_I32 = {"seqlen_q", "seqlen_k", "window_left", "window_right", "split_len", "heads_q", "heads_kv", "group",
-               "heads", "seqlen_new", "max_seqlen", "num_splits"}
+               "heads", "seqlen_new", "max_seqlen", "num_splits", "width"}
 SCALARS_F32 = {"qk_scale", "cap_log2", "sm_scale"}
 POINTERS = {"Lse": "*fp32", "Delta": "*fp32", "KeyMask": "*u8", "SeqlensK": "*i32", "Lists": "*i32", "Counts": "*i32"}
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")

@@ -387,7 +387,7 @@ def serialized(double_quant=True, **meta_changes) -> dict:
     ({"blocksize": 128}, ValueError, "NF4Weight.absmax: expected 16 "),
     ({"shape": [32, 62]}, ValueError, "NF4Weight.packed: expected 992 "),
     ({"nested_blocksize": 128}, ValueError, "nested_blocksize 128 is not supported"),
-    ({"dtype": "int8"}, TypeError, "NF4Weight.dtype"),
+    ({"dtype": "int8"}, ValueError, "dtype: expected 'float16'"),
 ])
 def test_bad_checkpoint_state(changes, error, match):
     with pytest.raises(error, match=match):

@@ -34,6 +34,17 @@ from tritium.kernels.tiles import dot, dot_precision, rounded
 from tritium.kernels.validation import check_dim, check_float, check_head_dim, check_like, check_tensor, is_empty
 from tritium.runtime import cdiv, custom_op, run_function
 
+# The kernels get the scale and softcap as float32 factors of the scores (in log2 units):
+# softmax_scale * log2(e) without softcap; softmax_scale / softcap and softcap * log2(e)
+# with it. With both in [1e-18, 1e18] each factor is a finite float32 (an inf factor turns
+# a zero product into NaN, and +inf scores make the softmax NaN), softmax_scale / softcap is
+# at most 1e36 (float32 ends at 3.4e38), and scores stay finite for |q . k| up to 2e20:
+# float16 inputs (|q . k| <= 256 * 65504**2, 1.1e12) can never overflow them. A softcap
+# outside the range has no use: below, every score is within 1e-18 of 0; above, every
+# score below 1e14 is left as it is (to float32 precision).
+MAX_SOFTMAX_SCALE = 1e18
+MIN_SOFTCAP, MAX_SOFTCAP = 1e-18, 1e18
+
 
 @triton.jit
 def _fwd_blocks(
@@ -72,13 +83,13 @@ def _fwd_blocks(
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse, KeyMask, SeqlensK,
-    qk_scale, cap_log2, seqlen_q, seqlen_k, window_left, window_right, split_len, heads_q, group,
+    qk_scale, cap_log2, seqlen_q, seqlen_k, seqlen_new, window_left, window_right, split_len, heads_q, group,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_os, stride_ob, stride_om, stride_oh, stride_od,
     stride_ls, stride_lb, stride_lh, stride_lm,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, stride_sb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PACK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, PRECISION: tl.constexpr,
@@ -89,6 +100,8 @@ def _attn_fwd_kernel(
     prefill (one head per program), PACK = the GQA group for decode, where a few queries
     per head would leave the tile empty. Each split covers keys [split * split_len,
     (split + 1) * split_len); Out/Lse get a split stride (0 when there is one split).
+    HAS_SEQLENS: batch element b sees its first min(clamp(SeqlensK[b], 0, seqlen_k) +
+    seqlen_new, seqlen_k) keys (the KV cache's rows, cached then appended).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -107,7 +120,12 @@ def _attn_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
 
     if HAS_SEQLENS:
-        seqlen_k = tl.load(SeqlensK + b).to(tl.int32)
+        # Device values, unchecked under capture: clamped in their own dtype (an int64
+        # length past 2**31 stays exact) before any index is formed from them, so no key
+        # past k's seqlen_k rows is ever read.
+        cached = tl.load(SeqlensK + b.to(tl.int64) * stride_sb)
+        cached = tl.minimum(tl.maximum(cached, 0), seqlen_k)
+        seqlen_k = tl.minimum(cached + seqlen_new, seqlen_k).to(tl.int32)
     shift = seqlen_k - seqlen_q
     pos = t + shift
     first = pid_m * BLOCK_M // PACK + shift
@@ -217,11 +235,13 @@ def check_attention_args(
         if right > 0:
             raise ValueError(f"window_size: causal=True needs a right window of 0 or -1, got {window_size}")
         right = 0
-    check_float("softcap", softcap, minimum=0.0, note=" (0 = off)")
+    check_float("softcap", softcap, minimum=0.0, maximum=MAX_SOFTCAP, note=" (0 = off)")
+    if 0 < softcap < MIN_SOFTCAP:
+        raise ValueError(f"softcap: expected 0 (off) or a float in [{MIN_SOFTCAP:g}, {MAX_SOFTCAP:g}], got {softcap!r}")
     if softmax_scale is None:
         softmax_scale = head_dim**-0.5
     else:
-        check_float("softmax_scale", softmax_scale, minimum=0.0, strict=True, note=" or None")
+        check_float("softmax_scale", softmax_scale, minimum=0.0, maximum=MAX_SOFTMAX_SCALE, strict=True, note=" or None")
     return left, right, float(softmax_scale)
 
 
@@ -249,11 +269,13 @@ def check_key_padding_mask(mask, batch: int, seqlen_k: int, ref: torch.Tensor) -
 
 def launch_forward(
     q, k, v, out, lse, config, *, key_padding_mask, seqlens_k, window_left, window_right, softcap, scale,
-    max_seqlen_k, pack=1, num_splits=1, split_len=None,
+    max_seqlen_k, pack=1, num_splits=1, split_len=None, seqlen_new=0,
 ):
     """Run `_attn_fwd_kernel` with `config`. out/lse are (batch, seqlen_q, heads_q, head_dim)
     and (batch, heads_q, seqlen_q), or carry a leading split dim when num_splits > 1.
-    seqlens_k: None (all rows see k.shape[1] keys) or int32 (batch,) per-batch lengths."""
+    seqlens_k: None (all rows see k.shape[1] keys) or an int32/int64 (batch,) tensor, any
+    stride, of per-batch lengths; batch element b then sees min(clamp(seqlens_k[b], 0,
+    k.shape[1]) + seqlen_new, k.shape[1]) keys."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     if is_empty(batch, seqlen_q, heads_q):
         return
@@ -267,9 +289,10 @@ def launch_forward(
     grid = (cdiv(seqlen_q * pack, block_m), batch * heads_q // pack, num_splits)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, mask, seqlens_k if seqlens_k is not None else q,
-        qk_scale, cap_log2, seqlen_q, k.shape[1], window_reach(window_left, unbounded),
+        qk_scale, cap_log2, seqlen_q, k.shape[1], seqlen_new, window_reach(window_left, unbounded),
         window_reach(window_right, unbounded), split_len or unbounded, heads_q, heads_q // k.shape[2],
         *q.stride(), *k.stride(), *v.stride(), *o_strides, *l_strides, *mask_strides,
+        seqlens_k.stride(0) if seqlens_k is not None else 0,
         HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), PACK=pack,
         SOFTCAP=softcap > 0, HAS_KEY_MASK=key_padding_mask is not None,
         HAS_SEQLENS=seqlens_k is not None, PRECISION=dot_precision(q.dtype), **config.launch_kwargs(),
@@ -357,8 +380,10 @@ def flash_attention(
     causal: mask aligned bottom-right (query i sits at position i + seqlen_k - seqlen_q).
     window_size: (left, right); key j is visible to the query at position p iff
         p - left <= j <= p + right, -1 = unbounded. Hugging Face's sliding_window=W is (W-1, 0).
-    softcap: > 0 replaces each scaled score s by softcap * tanh(s / softcap) (Gemma 2: 50).
-    softmax_scale: defaults to head_dim ** -0.5.
+    softcap: > 0 replaces each scaled score s by softcap * tanh(s / softcap) (Gemma 2: 50);
+        0 or in [1e-18, 1e18].
+    softmax_scale: defaults to head_dim ** -0.5; in (0, 1e18]. Scaled scores must stay in
+        float32's range (|softmax_scale * q . k| < 2.3e38; float16 inputs always do).
     key_padding_mask: (batch, seqlen_k) bool, True = attend.
     A query that sees no key outputs 0 (lse -inf), seqlen_k = 0 included; batch, seqlen_q
     or heads_q 0 give empty results (heads_kv must be >= 1). Neither launches a kernel.

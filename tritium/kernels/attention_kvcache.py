@@ -27,22 +27,25 @@ MAX_SPLITS = 64
 
 @triton.jit
 def _append_kernel(
-    KCache, VCache, K, V, CacheSeqlens, seqlen_new, max_seqlen, heads_kv,
+    KCache, VCache, K, V, CacheSeqlens, seqlen_new, max_seqlen, heads_kv, stride_sb,
     stride_cb, stride_cn, stride_ch, stride_cd,
     stride_vcb, stride_vcn, stride_vch, stride_vcd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Copy k/v (batch, seqlen_new, heads_kv, d) into the caches at rows cache_seqlens[b] + t.
-    Rows past max_seqlen are dropped (the host rejects them before launch when it may sync)."""
+    """Copy k/v (batch, seqlen_new, heads_kv, d) into the caches at rows start + t, start =
+    cache_seqlens[b] clamped to [0, max_seqlen]; rows at or past max_seqlen are dropped. The
+    host rejects such lengths before launch when it may sync; under capture it cannot, and
+    this clamp is what keeps every store inside the caches."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads_kv).to(tl.int64)
     h = pid_bh % heads_kv
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
-    dst = tl.load(CacheSeqlens + b).to(tl.int64) + t
+    start = tl.load(CacheSeqlens + b * stride_sb)  # int32 or int64: clamped before any widening
+    dst = tl.minimum(tl.maximum(start, 0), max_seqlen).to(tl.int64) + t
     ok = ((t < seqlen_new) & (dst < max_seqlen))[:, None] & (d < HEAD_DIM)[None, :]
     k = tl.load(K + b * stride_kb + h * stride_kh + t[:, None] * stride_kn + d[None, :] * stride_kd, mask=ok)
     v = tl.load(V + b * stride_vb + h * stride_vh + t[:, None] * stride_vn + d[None, :] * stride_vd, mask=ok)
@@ -107,7 +110,7 @@ def _append(k_cache, v_cache, k, v, cache_seqlens):
         return
     block_t = 16
     _append_kernel[(cdiv(seqlen_new, block_t), batch * heads_kv)](
-        k_cache, v_cache, k, v, cache_seqlens, seqlen_new, k_cache.shape[1], heads_kv,
+        k_cache, v_cache, k, v, cache_seqlens, seqlen_new, k_cache.shape[1], heads_kv, cache_seqlens.stride(0),
         *k_cache.stride(), *v_cache.stride(), *k.stride(), *v.stride(),
         HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_T=block_t,
     )
@@ -121,10 +124,12 @@ def _kvcache_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, seqlen_q, heads_q, head_dim = q.shape
     max_seqlen, heads_kv = k_cache.shape[1], k_cache.shape[2]
-    seqlens_k = cache_seqlens.to(torch.int32)
+    # cache_seqlens goes to the kernels as given (int32 or int64, any stride): they clamp
+    # it, add the new tokens and read it with its stride, with no host op in between.
+    seqlen_new = 0
     if k is not None:
-        _append(k_cache, v_cache, k, v, seqlens_k)
-        seqlens_k = (seqlens_k + k.shape[1]).clamp_(max=max_seqlen)
+        _append(k_cache, v_cache, k, v, cache_seqlens)
+        seqlen_new = k.shape[1]
     # Pack the GQA group into the tile rows while the rows stay few (decode); a long chunk
     # of new queries fills tiles on its own.
     group = heads_q // heads_kv
@@ -136,8 +141,8 @@ def _kvcache_op(
     def launch(config):
         split_len = _split_len(q, heads_kv, max_seqlen, pack, config.meta["BLOCK_N"], num_splits)
         splits = max(cdiv(max_seqlen, split_len), 1)
-        options = dict(key_padding_mask=key_padding_mask, seqlens_k=seqlens_k, scale=softmax_scale, max_seqlen_k=max_seqlen,
-                       pack=pack, **window)
+        options = dict(key_padding_mask=key_padding_mask, seqlens_k=cache_seqlens, seqlen_new=seqlen_new,
+                       scale=softmax_scale, max_seqlen_k=max_seqlen, pack=pack, **window)
         if splits == 1:
             launch_forward(q, k_cache, v_cache, out, lse, config, **options)
             return
@@ -163,7 +168,7 @@ def _(q, k_cache, v_cache, cache_seqlens, k, v, key_padding_mask, window_left, w
 
 
 def _check_cache_args(q, k_cache, cache_seqlens, k, v) -> torch.Tensor:
-    """Validate the cache-specific arguments; returns cache_seqlens as an int32 tensor."""
+    """Validate the cache-specific arguments; returns cache_seqlens as an int32/int64 tensor."""
     batch, max_seqlen = q.shape[0], k_cache.shape[1]
     if (k is None) != (v is None):
         raise ValueError("k, v: give both new keys and new values, or neither")
@@ -194,8 +199,7 @@ def _check_cache_args(q, k_cache, cache_seqlens, k, v) -> torch.Tensor:
         raise ValueError(f"cache_seqlens: device {cache_seqlens.device} differs from q's {q.device}")
     if not capturing() and not is_empty(batch):
         # A data-dependent check needs the values on the host: done whenever a sync is
-        # allowed (and there are values). Under capture the kernels still never write or
-        # read past max_seqlen.
+        # allowed (and there are values). Under capture the kernels clamp instead.
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         if lo < 0 or hi + seqlen_new > max_seqlen:
             raise ValueError(
@@ -224,8 +228,8 @@ def flash_attention_with_kvcache(
     """Attention of new queries against a preallocated KV cache (inference; no backward).
 
     q: (batch, seqlen_q, heads_q, head_dim); k_cache, v_cache: (batch, max_seqlen, heads_kv,
-    head_dim), updated in place; cache_seqlens: int32/int64 (batch,) or int, the number of
-    tokens already cached per sequence (not updated: the caller advances it).
+    head_dim), updated in place; cache_seqlens: int32/int64 (batch,) (any stride) or int, the
+    number of tokens already cached per sequence (not updated: the caller advances it).
     k, v: optional new (batch, seqlen_new, heads_kv, head_dim), written into the cache at
     rows cache_seqlens[b] .. + seqlen_new before attending; sequence b then attends to its
     first cache_seqlens[b] + seqlen_new keys.
@@ -234,9 +238,13 @@ def flash_attention_with_kvcache(
     length are hidden anyway). causal/window/softcap/softmax_scale as in
     `flash_attention`, with query i at position i + seqlen_k[b] - seqlen_q.
     num_splits: key-range splits (None = enough to fill the GPU).
-    A tensor cache_seqlens is range-checked on the host (one sync per call) except under
-    CUDA-graph capture or torch.compile, where the kernels only clamp to max_seqlen: for
-    sync-free eager decode pass an int, or capture the decode step in a CUDA graph.
+    A tensor cache_seqlens is range-checked on the host (one sync per call: ValueError unless
+    0 <= cache_seqlens[b] <= max_seqlen - seqlen_new) except under CUDA-graph capture or
+    torch.compile, where the kernels clamp instead and never read or write outside the
+    caches: a negative length counts as 0, one past max_seqlen as max_seqlen, new rows that
+    would land at or past max_seqlen are not written and not attended, and sequence b
+    attends to its first min(clamped length + seqlen_new, max_seqlen) rows. For sync-free
+    eager decode pass an int, or capture the decode step in a CUDA graph.
     Empty sizes launch nothing needless: batch 0 or 0 new tokens write no cache row,
     seqlen_q 0 or heads_q 0 still append k/v but attend to nothing, and a max_seqlen 0
     cache gives out 0 and lse -inf.

@@ -9,6 +9,12 @@ scaled score (not -inf); masked query rows output 0.
 The backward pass is deterministic without atomics: dQ walks the same lists; dK/dV of a key
 block scan every query block's list and weight its contribution by how often it lists the
 key block.
+
+Memory safety: a random block index outside [0, num_blocks) is refused eagerly (a
+ValueError, one host read of rand_attn per call); where values cannot be read (torch.compile
+tracing, CUDA-graph capture, fake tensors) `block_lists` marks it -1 and the kernels skip
+any listed block outside [0, num_blocks) and any slot past a list's width, so no index
+reaches a load or store: such a block is ignored.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from tritium import autotune
 from tritium.kernels.attention import check_attention_args, check_key_padding_mask
 from tritium.kernels.online_softmax import bwd_delta_kernel, head_block, logits, lse_log2, softmax_step
 from tritium.kernels.tiles import dot, dot_precision, load_rows, rounded
-from tritium.kernels.validation import check_tensor, is_empty
+from tritium.kernels.validation import check_tensor, holds_values, is_empty
 from tritium.runtime import capturing, custom_op, next_power_of_2, run_function
 
 MASK_PENALTY = -10000.0  # transformers' attn_mask_penalty, added to masked keys' scores
@@ -42,7 +48,9 @@ def min_seqlen(block_size: int, num_random_blocks: int) -> int:
 def block_lists(num_blocks: int, rand_attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's layout: (lists (heads, num_blocks, width) int32, counts (num_blocks,)
     int32). Row i holds the key blocks query block i visits, duplicates kept; rows 0 and
-    last hold every block. Built with tensor ops on rand_attn's device: no host sync."""
+    last hold every block; a rand_attn index outside [0, num_blocks) becomes -1 (the
+    kernels skip it; int64 indices are tested before the cast to int32 could wrap them).
+    Built with tensor ops on rand_attn's device, read with its strides: no host sync."""
     heads, _, r = rand_attn.shape
     last = num_blocks - 1
     device = rand_attn.device
@@ -53,7 +61,9 @@ def block_lists(num_blocks: int, rand_attn: torch.Tensor) -> tuple[torch.Tensor,
     # their count is one less, so it is never visited.
     window[0] = torch.tensor([0, 1, 2, last, 0], device=device)
     window[-1] = torch.tensor([0, last - 2, last - 1, last, 0], device=device)
-    sparse = torch.cat([window.expand(heads, -1, -1), rand_attn.to(device=device, dtype=window.dtype)], dim=2)
+    random = rand_attn.to(device=device, dtype=window.dtype)
+    random = torch.where((random >= 0) & (random < num_blocks), random, -1)
+    sparse = torch.cat([window.expand(heads, -1, -1), random], dim=2)
     sparse = torch.cat([sparse[:, :, :4], sparse[:, :, 5:], sparse[:, :, 4:5]], dim=2)
     width = max(num_blocks, sparse.shape[2])
     lists = torch.zeros(heads, num_blocks, width, dtype=torch.int32, device=device)
@@ -126,7 +136,7 @@ def _query_keep(km_base, rows, stride_mn, HAS_KEY_MASK: tl.constexpr):
 @triton.jit
 def _bs_fwd_kernel(
     Q, K, V, Out, Lse, Lists, Counts, KeyMask,
-    qk_scale, heads, group,
+    qk_scale, heads, group, width,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -134,14 +144,16 @@ def _bs_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One query block of one head over the key blocks of its list. Out is contiguous
-    (batch, seqlen, heads, head_dim), Lse (batch, heads, seqlen)."""
+    """One query block of one head over the key blocks of its list (blocks outside the
+    sequence skipped). Out is contiguous (batch, seqlen, heads, head_dim), Lse (batch,
+    heads, seqlen)."""
     qb = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
     h = pid_bh % heads
     kv_head = h // group
-    seqlen = tl.num_programs(0) * BLOCK
+    num_blocks = tl.num_programs(0)
+    seqlen = num_blocks * BLOCK
     rows = qb * BLOCK + tl.arange(0, BLOCK)
     offs = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
@@ -155,13 +167,15 @@ def _bs_fwd_kernel(
     acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    for j in range(0, tl.load(Counts + qb)):
-        cols = tl.load(list_base + j) * BLOCK + offs
-        kT = tl.trans(load_rows(k_base, cols, stride_kn, offs_d, stride_kd, d_ok[None, :]))
-        v = load_rows(v_base, cols, stride_vn, offs_d, stride_vd, d_ok[None, :])
-        s, _ = logits(q, kT, qk_scale, 1.0, False, PRECISION)
-        s = s + _key_penalty(km_base, cols, stride_mn, HAS_KEY_MASK)[None, :]
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, PRECISION)
+    for j in range(0, tl.minimum(tl.load(Counts + qb), width)):
+        key_block = tl.load(list_base + j)
+        if (key_block >= 0) & (key_block < num_blocks):  # the guard: see the module docstring
+            cols = key_block * BLOCK + offs
+            kT = tl.trans(load_rows(k_base, cols, stride_kn, offs_d, stride_kd, d_ok[None, :]))
+            v = load_rows(v_base, cols, stride_vn, offs_d, stride_vd, d_ok[None, :])
+            s, _ = logits(q, kT, qk_scale, 1.0, False, PRECISION)
+            s = s + _key_penalty(km_base, cols, stride_mn, HAS_KEY_MASK)[None, :]
+            acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, PRECISION)
 
     keep = _query_keep(km_base, rows, stride_mn, HAS_KEY_MASK)
     out = tl.where(keep[:, None], acc / l_i[:, None], 0.0)
@@ -173,7 +187,7 @@ def _bs_fwd_kernel(
 @triton.jit
 def _bs_bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ, Lists, Counts, KeyMask,
-    sm_scale, qk_scale, heads, group,
+    sm_scale, qk_scale, heads, group, width,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -182,14 +196,16 @@ def _bs_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dQ of one query block: the forward's walk with P recomputed from lse. Masked query
-    rows get dO = 0 (their output is a constant 0). DQ is contiguous like Out."""
+    """dQ of one query block: the forward's walk (the same blocks skipped) with P
+    recomputed from lse. Masked query rows get dO = 0 (their output is a constant 0). DQ
+    is contiguous like Out."""
     qb = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
     h = pid_bh % heads
     kv_head = h // group
-    seqlen = tl.num_programs(0) * BLOCK
+    num_blocks = tl.num_programs(0)
+    seqlen = num_blocks * BLOCK
     rows = qb * BLOCK + tl.arange(0, BLOCK)
     offs = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
@@ -205,15 +221,17 @@ def _bs_bwd_dq_kernel(
     list_base = Lists + h * stride_lh + qb * stride_lq
 
     dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    for j in range(0, tl.load(Counts + qb)):
-        cols = tl.load(list_base + j) * BLOCK + offs
-        k = load_rows(k_base, cols, stride_kn, offs_d, stride_kd, d_ok[None, :])
-        v = load_rows(v_base, cols, stride_vn, offs_d, stride_vd, d_ok[None, :])
-        s, _ = logits(q, tl.trans(k), qk_scale, 1.0, False, PRECISION)
-        s = s + _key_penalty(km_base, cols, stride_mn, HAS_KEY_MASK)[None, :]
-        p = tl.exp2(s - lse2[:, None])
-        dp = dot(do, tl.trans(v), None, PRECISION)
-        dq = dot(rounded(p * (dp - delta[:, None]), k.dtype), k, dq, PRECISION)
+    for j in range(0, tl.minimum(tl.load(Counts + qb), width)):
+        key_block = tl.load(list_base + j)
+        if (key_block >= 0) & (key_block < num_blocks):
+            cols = key_block * BLOCK + offs
+            k = load_rows(k_base, cols, stride_kn, offs_d, stride_kd, d_ok[None, :])
+            v = load_rows(v_base, cols, stride_vn, offs_d, stride_vd, d_ok[None, :])
+            s, _ = logits(q, tl.trans(k), qk_scale, 1.0, False, PRECISION)
+            s = s + _key_penalty(km_base, cols, stride_mn, HAS_KEY_MASK)[None, :]
+            p = tl.exp2(s - lse2[:, None])
+            dp = dot(do, tl.trans(v), None, PRECISION)
+            dq = dot(rounded(p * (dp - delta[:, None]), k.dtype), k, dq, PRECISION)
     dq_ptrs = DQ + ((b * seqlen + rows[:, None]) * heads + h) * HEAD_DIM + offs_d[None, :]
     tl.store(dq_ptrs, rounded(dq * sm_scale, DQ.dtype.element_ty), mask=d_ok[None, :])
 
@@ -221,7 +239,7 @@ def _bs_bwd_dq_kernel(
 @triton.jit
 def _bs_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, Lists, Counts, KeyMask,
-    sm_scale, qk_scale, heads_kv, group,
+    sm_scale, qk_scale, heads_kv, group, width,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -231,7 +249,9 @@ def _bs_bwd_dkdv_kernel(
     HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK, dV of one key block of one kv head: every query block (of every q head of the
-    group) that lists it contributes, weighted by how many times it lists it."""
+    group) that lists it contributes, weighted by how many times it lists it. Only slots
+    below the list's count and width are read; a skipped (out-of-range) entry never equals
+    kb."""
     kb = tl.program_id(0)
     pid_bh = tl.program_id(1)
     num_blocks = tl.num_programs(0)
@@ -254,7 +274,8 @@ def _bs_bwd_dkdv_kernel(
         h = kv_head * group + g
         row_base = (b * heads_kv * group + h) * seqlen
         for qb in range(0, num_blocks):
-            listed = tl.load(Lists + h * stride_lh + qb * stride_lq + slots, mask=slots < tl.load(Counts + qb), other=-1)
+            count = tl.minimum(tl.load(Counts + qb), width)
+            listed = tl.load(Lists + h * stride_lh + qb * stride_lq + slots, mask=slots < count, other=-1)
             times = tl.sum((listed == kb).to(tl.float32), 0)
             if times > 0:
                 rows = qb * BLOCK + offs
@@ -329,15 +350,18 @@ def _check_layout_args(q, k, block_size, num_random_blocks, rand_attn, key_paddi
 _EVAL_LISTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _layout(num_blocks: int, heads: int, num_random_blocks: int, rand_attn, device):
+def _layout(num_blocks: int, heads: int, num_random_blocks: int, rand_attn, q):
     """block_lists for rand_attn, or for the eval layout (all zeros), built once per shape
-    and device: every layer and step of a model reuses it."""
+    and device: every layer and step of a model reuses it. Only real tensors built eagerly
+    are kept: under tracing, capture (whose kernels have not run yet) or a dispatch mode
+    (FakeTensorMode), the layout is built for the call and not cached nor reused."""
     if rand_attn is not None:
         return block_lists(num_blocks, rand_attn)
-    key = (num_blocks, heads, num_random_blocks, str(device))
-    if torch.compiler.is_compiling() or key not in _EVAL_LISTS:
-        zeros = torch.zeros(heads, num_blocks - 2, num_random_blocks, dtype=torch.int32, device=device)
-        if torch.compiler.is_compiling():
+    key = (num_blocks, heads, num_random_blocks, str(q.device))
+    cache = not capturing() and holds_values(q)
+    if not cache or key not in _EVAL_LISTS:
+        zeros = torch.zeros(heads, num_blocks - 2, num_random_blocks, dtype=torch.int32, device=q.device)
+        if not cache:
             return block_lists(num_blocks, zeros)
         _EVAL_LISTS[key] = block_lists(num_blocks, zeros)
     return _EVAL_LISTS[key]
@@ -354,23 +378,30 @@ def _check_rand_attn(rand_attn, expected: tuple, device) -> None:
     _check_indices(rand_attn, expected[1] + 2)
 
 
-_CHECKED: set[tuple] = set()  # layouts whose indices were read once already (no sync per call)
-
-
 def _check_indices(rand_attn: torch.Tensor, num_blocks: int) -> None:
-    """Indices in [0, num_blocks): read on the host once per layout tensor and version (a
-    layout is reused by every layer and step), never where a sync is not allowed."""
-    if not rand_attn.numel() or capturing():
+    """Indices in [0, num_blocks), read on the host (one sync) at every call where that is
+    allowed. Not cached by (data_ptr, version): a write the version counter misses (.data,
+    numpy) or a reused address would go unseen. Where it cannot run, the kernels ignore
+    such an index (module docstring)."""
+    if not rand_attn.numel() or capturing() or not holds_values(rand_attn):
         return
-    identity = (rand_attn.data_ptr(), rand_attn._version, tuple(rand_attn.shape), num_blocks)
-    if identity in _CHECKED:
-        return
-    lo, hi = int(rand_attn.min()), int(rand_attn.max())
+    lo, hi = torch.stack(torch.aminmax(rand_attn)).tolist()
     if lo < 0 or hi >= num_blocks:
         raise ValueError(f"rand_attn: block indices must lie in [0, {num_blocks - 1}], got values in [{lo}, {hi}]")
-    if len(_CHECKED) > 256:
-        _CHECKED.clear()
-    _CHECKED.add(identity)
+
+
+def _check_lists(lists, counts, q, block_size: int) -> None:
+    """lists and counts as block_lists builds them for q (the custom ops can be called
+    directly): the kernels read counts[qb] and lists[h, qb, :width] of every head h and
+    query block qb. Metadata only."""
+    heads, num_blocks = q.shape[2], q.shape[1] // block_size
+    ok = (lists.dtype == counts.dtype == torch.int32 and lists.device == counts.device == q.device
+          and lists.dim() == 3 and tuple(lists.shape[:2]) == (heads, num_blocks) and lists.stride(2) == 1
+          and tuple(counts.shape) == (num_blocks,) and counts.is_contiguous())
+    if not ok:
+        raise ValueError(f"lists, counts: expected block_lists' int32 ({heads}, {num_blocks}, width) lists and "
+                         f"({num_blocks},) counts on {q.device}, got {lists.dtype} {tuple(lists.shape)} and "
+                         f"{counts.dtype} {tuple(counts.shape)}")
 
 
 def _launch_args(q, k, key_padding_mask, lists):
@@ -393,11 +424,12 @@ def _forward_op(
     lse = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=q.device)
     if is_empty(batch, heads):
         return out, lse
+    _check_lists(lists, counts, q, block_size)
     mask, strides = _launch_args(q, k, key_padding_mask, lists)
 
     def launch(config):
         _bs_fwd_kernel[(seqlen // block_size, batch * heads)](
-            q, k, v, out, lse, lists, counts, mask, softmax_scale * LOG2E, heads, heads // k.shape[2],
+            q, k, v, out, lse, lists, counts, mask, softmax_scale * LOG2E, heads, heads // k.shape[2], lists.shape[2],
             *q.stride(), *k.stride(), *v.stride(), *strides,
             HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK=block_size,
             HAS_KEY_MASK=key_padding_mask is not None, PRECISION=dot_precision(q.dtype), **config.launch_kwargs(),
@@ -424,6 +456,7 @@ def _backward_op(
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     if is_empty(batch, heads):  # no query: dq is empty, and k, v (if any) had no effect
         return dq, dk.zero_(), dv.zero_()
+    _check_lists(lists, counts, q, block_size)
     delta = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=q.device)
     bwd_delta_kernel[(seqlen // block_size, batch * heads)](
         out, dout, delta, seqlen, heads, *out.stride(), *dout.stride(),
@@ -438,12 +471,12 @@ def _backward_op(
 
     def launch_dq(config):
         _bs_bwd_dq_kernel[(seqlen // block_size, batch * heads)](
-            *tensors, dq, lists, counts, mask, *scales, heads, heads // heads_kv, *all_strides,
+            *tensors, dq, lists, counts, mask, *scales, heads, heads // heads_kv, lists.shape[2], *all_strides,
             **constants, **config.launch_kwargs())
 
     def launch_dkdv(config):
         _bs_bwd_dkdv_kernel[(seqlen // block_size, batch * heads_kv)](
-            *tensors, dk, dv, lists, counts, mask, *scales, heads_kv, heads // heads_kv, *all_strides,
+            *tensors, dk, dv, lists, counts, mask, *scales, heads_kv, heads // heads_kv, lists.shape[2], *all_strides,
             WIDTH=next_power_of_2(lists.shape[2]), **constants, **config.launch_kwargs())
 
     launch_dq(BLOCK_SPARSE_BWD_DQ.lookup(launch_dq, **_problem(q, block_size)))
@@ -496,7 +529,11 @@ def block_sparse_attention(
     last]; each also to its num_random_blocks blocks of rand_attn (heads, seqlen /
     block_size - 2, r), row i - 1. One softmax per query row over all its keys, a key
     listed twice counting twice. rand_attn None is transformers' eval layout (all zeros:
-    block 0 counts r more times); `bigbird_random_layout` draws a training one.
+    block 0 counts r more times); `bigbird_random_layout` draws a training one. rand_attn
+    (int32/int64, any strides, stride 0 included) holds block indices in [0, seqlen /
+    block_size): eagerly another value is a ValueError (rand_attn is read on the host, one
+    sync per call); under torch.compile or CUDA-graph capture, where it cannot be read,
+    such an index is ignored (that slot attends to nothing), never read past k or v.
     key_padding_mask: (batch, seqlen) bool, True = attend; masked keys get -10000 added to
     their scaled score, masked query rows output 0.
     Returns out like q (and lse (batch, heads, seqlen) float32 with return_lse).
@@ -504,6 +541,6 @@ def block_sparse_attention(
     check_attention_args(q, k, v, causal=False, window_size=(-1, -1), softcap=0.0, softmax_scale=softmax_scale)
     _check_layout_args(q, k, block_size, num_random_blocks, rand_attn, key_padding_mask)
     scale = q.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    lists, counts = _layout(q.shape[1] // block_size, q.shape[2], num_random_blocks, rand_attn, q.device)
+    lists, counts = _layout(q.shape[1] // block_size, q.shape[2], num_random_blocks, rand_attn, q)
     out, lse = run_function(BlockSparseAttentionFunction, q, k, v, lists, counts, key_padding_mask, block_size, scale)
     return (out, lse) if return_lse else out

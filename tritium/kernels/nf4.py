@@ -48,9 +48,12 @@ PATHS = ("auto", "gemv", "gemm")
 # ----------------------------------------------------------------------------- format
 
 
-@dataclass(eq=False, repr=False)
+@dataclass(eq=False, repr=False, frozen=True)
 class NF4Weight:
-    """A weight of `shape` quantized to NF4, in bitsandbytes' layout.
+    """A weight of `shape` quantized to NF4, in bitsandbytes' layout. Frozen: a field is
+    never reassigned; every tensor must be contiguous (the kernels read them flat), and
+    each op checks the tensors' sizes again (host metadata, no sync), so one resized or
+    restrided in place since (resize_, set_, as_strided_) is refused, never read past.
 
     packed: uint8 ((numel + 1) // 2, 1), two codes per byte, earlier element high.
     absmax: float32 (blocks,), blocks = ceil(numel / blocksize); with double quantization
@@ -72,7 +75,7 @@ class NF4Weight:
     offset: Optional[torch.Tensor] = None
 
     def __post_init__(self):
-        self.shape = tuple(int(s) for s in self.shape)
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         _check_state(self)
 
     @property
@@ -102,41 +105,59 @@ def check_blocksize(blocksize) -> None:
         raise ValueError(f"blocksize: expected one of {BLOCKSIZES} (bitsandbytes' block sizes), got {blocksize!r}")
 
 
-def _expect(name: str, t, dtype: torch.dtype, numel: int, what: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"NF4Weight.{name}: expected a torch.Tensor ({what}), got {type(t).__name__}")
-    if t.dtype != dtype or t.numel() != numel:
-        raise ValueError(f"NF4Weight.{name}: expected {numel} {str(dtype)[6:]} values ({what}), "
-                         f"got {str(t.dtype)[6:]} of shape {tuple(t.shape)}")
-
-
 def _check_state(w: NF4Weight) -> None:
     """Every field consistent with shape and blocksize; all tensors on one device."""
     check_blocksize(w.blocksize)
     if w.dtype not in FLOAT_DTYPES:
         raise TypeError(f"NF4Weight.dtype: expected float16, bfloat16 or float32, got {w.dtype}")
-    if not w.shape:
-        raise ValueError(f"NF4Weight.shape: expected a shape of rank >= 1, got {w.shape}")
-    numel = math.prod(w.shape)
-    blocks = -(-numel // w.blocksize)
-    _expect("packed", w.packed, torch.uint8, (numel + 1) // 2, f"two 4-bit codes per byte of a {w.shape} weight")
-    _expect("code", w.code, torch.float32, 16, "the 16 NF4 values")
+    if not w.shape or min(w.shape) < 0:
+        raise ValueError(f"NF4Weight.shape: expected a shape of rank >= 1 and sizes >= 0, got {w.shape}")
     parts = (w.absmax2, w.code2, w.offset)
     if any(p is None for p in parts) and any(p is not None for p in parts):
         raise ValueError("NF4Weight: absmax2, code2 and offset come together (double quantization) or not at all")
-    per_block = f"one per {w.blocksize}-element block of a {w.shape} weight"
-    if w.double_quant:
-        _expect("absmax", w.absmax, torch.uint8, blocks, f"8-bit codes, {per_block}")
-        _expect("absmax2", w.absmax2, torch.float32, -(-blocks // NESTED_BLOCKSIZE),
-                f"one per {NESTED_BLOCKSIZE} absmax codes")
-        _expect("code2", w.code2, torch.float32, 256, "the signed 8-bit dynamic map")
-        _expect("offset", w.offset, torch.float32, 1, "the mean of absmax")
+    check_layout(w.tensors(), w.shape, w.blocksize)
+
+
+# What each state tensor holds, for the error messages.
+_HOLDS = {"packed": "two 4-bit codes per byte of a {shape} weight", "code": "the 16 NF4 values",
+          "absmax": "one per {blocksize}-element block of a {shape} weight",
+          "absmax2": f"one per {NESTED_BLOCKSIZE} absmax codes", "code2": "the signed 8-bit dynamic map",
+          "offset": "the mean of absmax"}
+
+
+def check_layout(state: tuple, shape: tuple, blocksize: int) -> None:
+    """state (NF4Weight.tensors()) holds exactly what the kernels read for a weight of
+    `shape`: each tensor of its dtype and size, contiguous (they are read flat), on
+    packed's device. Host metadata only (no sync, a few microseconds): NF4Weight checks it
+    when built and every launch again, so a tensor resized or restrided in place since
+    (resize_, set_, as_strided_, .data) is refused rather than read past."""
+    packed, code, absmax, absmax2, code2, offset = state
+    numel = math.prod(shape)
+    blocks = -(-numel // blocksize)
+    expected = [("packed", packed, torch.uint8, (numel + 1) // 2), ("code", code, torch.float32, 16)]
+    if absmax2 is None:
+        expected.append(("absmax", absmax, torch.float32, blocks))
     else:
-        _expect("absmax", w.absmax, torch.float32, blocks, per_block)
-    for name in ("absmax", "code", "absmax2", "code2", "offset"):
-        t = getattr(w, name)
-        if t is not None and t.device != w.packed.device:
-            raise ValueError(f"NF4Weight.{name}: on {t.device}, packed on {w.packed.device}; they must match")
+        expected += [("absmax", absmax, torch.uint8, blocks),
+                     ("absmax2", absmax2, torch.float32, -(-blocks // NESTED_BLOCKSIZE)),
+                     ("code2", code2, torch.float32, 256), ("offset", offset, torch.float32, 1)]
+    for name, t, dtype, size in expected:
+        if (not isinstance(t, torch.Tensor) or t.dtype != dtype or t.numel() != size or not t.is_contiguous()
+                or t.device != packed.device):
+            _refuse(name, t, dtype, size, _HOLDS[name].format(shape=shape, blocksize=blocksize), packed)
+
+
+def _refuse(name: str, t, dtype: torch.dtype, numel: int, what: str, packed) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"NF4Weight.{name}: expected a torch.Tensor ({what}), got {type(t).__name__}")
+    if t.dtype != dtype or t.numel() != numel:
+        raise ValueError(f"NF4Weight.{name}: expected {numel} {str(dtype)[6:]} values ({what}), "
+                         f"got {str(t.dtype)[6:]} of shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"NF4Weight.{name}: expected a contiguous tensor (the kernels read it flat), got shape "
+                         f"{tuple(t.shape)} with strides {t.stride()}; pass {name}.contiguous()")
+    if t.device != packed.device:
+        raise ValueError(f"NF4Weight.{name}: on {t.device}, packed on {packed.device}; they must match")
 
 
 def nf4_code(device=None) -> torch.Tensor:
@@ -385,6 +406,7 @@ def launch_dequantize(state: tuple, out: torch.Tensor, blocksize: int) -> None:
     numel = out.numel()
     if is_empty(numel):
         return
+    check_layout(state, tuple(out.shape), blocksize)
 
     def launch(config):
         grid = (cdiv(numel, config.meta["BLOCK"]),)
@@ -396,11 +418,18 @@ def launch_dequantize(state: tuple, out: torch.Tensor, blocksize: int) -> None:
 
 def launch_matmul(x: torch.Tensor, state: tuple, bias, out: torch.Tensor, blocksize: int, path: str) -> None:
     """out (M, N) = x (M, K) @ W^T + bias on `path` ("gemv" or "gemm"); W (N, K) given by
-    `state` (NF4Weight.tensors()), K even; x and out any strides, bias contiguous."""
+    `state` (NF4Weight.tensors()), K even; x and out any strides, bias contiguous. The
+    state's and bias's sizes are checked here, at every launch (metadata, no sync)."""
     m, k = x.shape
     n = out.shape[1]
     if is_empty(m, n):
         return
+    if k % 2 or (bias is not None and (bias.numel() != n or not bias.is_contiguous())):
+        raise ValueError(f"nf4 matmul: expected an even in_features and a contiguous ({n},) bias, got x {tuple(x.shape)}"
+                         f" and bias {None if bias is None else (tuple(bias.shape), bias.stride())}")
+    check_layout(state, (n, k), blocksize)
+    if state[0].device != x.device:
+        raise ValueError(f"nf4 matmul: x on {x.device}, the weight on {state[0].device}; they must match")
     pointers = _pointers(*state)
 
     def launch(config):

@@ -71,7 +71,7 @@ def _rotary_kernel(
     stride_qob, stride_qos, stride_qoh, stride_qod,
     stride_kob, stride_kos, stride_koh, stride_kod,
     stride_cb, stride_cs, stride_cd,
-    stride_sb, stride_ss, stride_sd,
+    stride_sb, stride_ss, stride_sd, stride_offsets,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr, BLOCK_REST: tl.constexpr,
     INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, HAS_OFFSETS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -84,15 +84,16 @@ def _rotary_kernel(
     b = (pid_s // seq_blocks).to(tl.int64)
     rows = (pid_s % seq_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
     row_ok = rows < seqlen
+    # Positions in int64: an offset near 2**31 must not wrap back into the table.
     if HAS_OFFSETS:
-        pos = rows + tl.load(Offsets + b)
+        pos = rows.to(tl.int64) + tl.load(Offsets + b * stride_offsets)
     else:
-        pos = rows + offset
+        pos = rows.to(tl.int64) + offset
     offs = tl.arange(0, BLOCK_HALF)
     # Offsets given as a tensor cannot be checked on the host without a sync: a position
     # outside the cos/sin table rotates by 0 (cos 1, sin 0) rather than read out of bounds.
     cs_mask = (row_ok & (pos >= 0) & (pos < seqlen_ro))[:, None] & (offs < HALF)[None, :]
-    pos = pos.to(tl.int64)[:, None]
+    pos = pos[:, None]
     c = tl.load(Cos + b * stride_cb + pos * stride_cs + offs[None, :] * stride_cd, mask=cs_mask, other=1.0)
     s = tl.load(Sin + b * stride_sb + pos * stride_ss + offs[None, :] * stride_sd, mask=cs_mask, other=0.0)
     c = c.to(tl.float32)
@@ -179,6 +180,7 @@ def _launch(q, k, q_out, k_out, cos, sin, offsets, offset, config, *, interleave
         q, k, q_out, k_out, cos, sin, offsets if offsets is not None else cos,
         seqlen, cos.shape[1], offset, heads_q, heads_kv, seq_blocks, q_blocks,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *cos.stride(), *sin.stride(),
+        offsets.stride(0) if offsets is not None else 0,
         HALF=half, BLOCK_HALF=next_power_of_2(half), REST=rest, BLOCK_REST=next_power_of_2(rest), INTERLEAVED=interleaved,
         CONJUGATE=conjugate, HAS_OFFSETS=offsets is not None, **config.launch_kwargs(),
     )
@@ -334,9 +336,10 @@ def apply_rotary(
     any strides; float16, bfloat16 or float32, computed in float32 and rounded once.
     cos, sin: (seqlen_ro, rotary_dim / 2) or per sequence (batch or 1, seqlen_ro,
     rotary_dim / 2), float32 or q's dtype; not differentiated. Token t of sequence b uses
-    row t + seqlen_offsets[b] (an int, or an int32 (batch,) tensor for KV-cache decode
-    where cos/sin cover the whole cache; rows past the table, which a tensor's values
-    cannot be checked against without a sync, are not rotated).
+    row t + seqlen_offsets[b] (an int, or an int32 (batch,) tensor, any stride, for KV-cache
+    decode where cos/sin cover the whole cache; a tensor's values are not checked, which
+    would need a sync: a token whose row falls outside the table, below 0 or past its end,
+    is not rotated, and nothing outside cos/sin is read).
     rotary_dim: defaults to 2 * cos.shape[-1] and must equal it; <= head_dim, the rest
         passes through.
     interleaved: rotate the pairs (2i, 2i + 1) (GLM-4), otherwise the halves

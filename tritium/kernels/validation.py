@@ -72,6 +72,13 @@ def is_empty(*sizes: int) -> bool:
     return 0 in sizes
 
 
+def holds_values(x: torch.Tensor) -> bool:
+    """True when the host may read x's values (a sync) or cache x for later calls: a plain
+    tensor (not fake, meta, functional or another subclass) outside any dispatch mode
+    (FakeTensorMode, ...). Callers also skip capture and tracing (`runtime.capturing`)."""
+    return type(x) in (torch.Tensor, torch.nn.Parameter) and not x.is_meta and not torch._C._len_torch_dispatch_stack()
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """x (..., features) as (rows, features), rows the product of the leading dims: a view
     when they flatten to one stride, a copy otherwise. Unlike reshape(-1, features), it
@@ -82,9 +89,13 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(rows, x.shape[-1])
 
 
-def check_float(name: str, value, *, minimum: float = -math.inf, strict: bool = False, note: str = "") -> None:
-    """value must be a finite real number >= minimum (> minimum when strict)."""
+def check_float(
+    name: str, value, *, minimum: float = -math.inf, maximum: float = math.inf, strict: bool = False, note: str = ""
+) -> None:
+    """value must be a finite real number >= minimum (> minimum when strict) and <= maximum."""
     real = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not real or value < minimum or (strict and value == minimum):
-        bound = f" {'>' if strict else '>='} {minimum:g}" if minimum > -math.inf else ""
+    if not real or value < minimum or (strict and value == minimum) or value > maximum:
+        bounds = [f"{'>' if strict else '>='} {minimum:g}"] if minimum > -math.inf else []
+        bounds += [f"<= {maximum:g}"] if maximum < math.inf else []
+        bound = " " + " and ".join(bounds) if bounds else ""
         raise ValueError(f"{name}: expected a finite float{bound}{note}, got {value!r}")

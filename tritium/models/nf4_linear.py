@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tritium.kernels import nf4
-from tritium.kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight
+from tritium.kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight, check_blocksize
 
 QUANT_STATE = ".quant_state.bitsandbytes__"
 # (state dict suffix, NF4Weight field) of the tensors; "" is the packed codes themselves.
@@ -38,36 +38,86 @@ def weight_state_dict(w: NF4Weight, key: str = "weight") -> dict[str, torch.Tens
 
 
 def weight_from_state_dict(state_dict: dict, key: str = "weight") -> NF4Weight:
-    """The NF4Weight serialized under `key` (see the module docstring). Raises KeyError for
-    a missing entry, ValueError for another quant type or an inconsistent state."""
+    """The NF4Weight serialized under `key` (see the module docstring); its tensors are
+    used as they are when contiguous, else copied once. Raises KeyError for a missing
+    entry, ValueError naming the entry for any other malformed state: another quant type,
+    quant-state bytes that are not a JSON object of the fields bitsandbytes writes (each of
+    its type, shape sizes >= 0, blocksize one bitsandbytes allows), tensors that are not
+    tensors or do not fit the shape."""
     found = [k for k in state_dict if k.startswith(key + QUANT_STATE)]
     if len(found) != 1:
         raise KeyError(f"{key}: expected one '{key}{QUANT_STATE}nf4' entry (bitsandbytes' quant state), found {found}")
-    meta = json.loads(bytes(state_dict[found[0]].cpu().tolist()).decode())
-    other = {found[0][len(key + QUANT_STATE):], meta.get("quant_type", "nf4")} - {"nf4"}
-    if other:
-        quant_type = other.pop()
-        raise ValueError(f"{key}: bitsandbytes quant_type {quant_type!r}: {quant_type} is not supported, only nf4")
-    nested = "nested_offset" in meta
-    if nested and meta.get("nested_blocksize") != NESTED_BLOCKSIZE:
-        raise ValueError(f"{key}: nested_blocksize {meta.get('nested_blocksize')} is not supported, only "
-                         f"{NESTED_BLOCKSIZE} (what bitsandbytes writes)")
+    meta = _quant_state(found[0], state_dict[found[0]], key)
     tensors = {}
     for suffix, field in TENSORS:
-        if suffix.startswith(".nested") and not nested:
+        if suffix.startswith(".nested") and "nested_offset" not in meta:
             continue
         if key + suffix not in state_dict:
             raise KeyError(f"{key + suffix}: missing from the state dict")
-        tensors[field] = state_dict[key + suffix]
+        tensor = state_dict[key + suffix]
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{key + suffix}: expected a torch.Tensor, got {type(tensor).__name__}")
+        tensors[field] = tensor.contiguous()
     packed = tensors["packed"]
     if packed.dtype != torch.uint8:  # bnb_4bit_quant_storage (FSDP) stores the same bytes as another dtype
-        tensors["packed"] = packed.contiguous().view(torch.uint8).reshape(-1, 1)
-    if nested:
+        tensors["packed"] = packed.reshape(-1).view(torch.uint8).reshape(-1, 1)
+    if "nested_offset" in meta:
         tensors["offset"] = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=packed.device)
-    dtype = getattr(torch, meta["dtype"], None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{key}: unknown dtype {meta['dtype']!r} in the quant state")
-    return NF4Weight(blocksize=meta["blocksize"], shape=tuple(meta["shape"]), dtype=dtype, **tensors)
+    try:
+        return NF4Weight(blocksize=meta["blocksize"], shape=tuple(meta["shape"]), dtype=getattr(torch, meta["dtype"]),
+                         **tensors)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{key}: the checkpoint's tensors do not fit its quant state: {error}") from error
+
+
+_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _quant_state(name: str, raw, key: str) -> dict:
+    """The quant-state dict of entry `name` (bitsandbytes' JSON as uint8 bytes) of the
+    weight under `key`: nf4, and each field bitsandbytes writes of its type and range;
+    ValueError naming the entry otherwise."""
+    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
+        raise ValueError(f"{name}: expected the quant state as uint8 bytes of JSON, got "
+                         f"{raw.dtype if isinstance(raw, torch.Tensor) else type(raw).__name__}")
+    try:
+        meta = json.loads(bytes(raw.reshape(-1).tolist()).decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{name}: the quant state is not UTF-8 text ({error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{name}: the quant state is not JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{name}: expected the quant state to be a JSON object, got {type(meta).__name__}")
+
+    def bad(field: str, expected: str):
+        return ValueError(f"{name}: {field}: expected {expected}, got {meta.get(field)!r}")
+
+    if not isinstance(meta.get("quant_type", "nf4"), str):
+        raise bad("quant_type", "a string")
+    other = {name[len(key + QUANT_STATE):], meta.get("quant_type", "nf4")} - {"nf4"}
+    if other:
+        quant_type = other.pop()
+        raise ValueError(f"{key}: bitsandbytes quant_type {quant_type!r}: {quant_type} is not supported, only nf4")
+    try:
+        check_blocksize(meta.get("blocksize"))
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+    shape = meta.get("shape")
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        raise bad("shape", "a non-empty list of sizes >= 0")
+    if meta.get("dtype") not in _DTYPES:
+        raise bad("dtype", " or ".join(repr(d) for d in _DTYPES))
+    if "nested_offset" in meta:
+        offset = meta["nested_offset"]
+        if not isinstance(offset, (int, float)) or isinstance(offset, bool):
+            raise bad("nested_offset", "a number")
+        if meta.get("nested_blocksize") != NESTED_BLOCKSIZE:
+            raise ValueError(f"{name}: nested_blocksize {meta.get('nested_blocksize')!r} is not supported, only "
+                             f"{NESTED_BLOCKSIZE} (what bitsandbytes writes)")
+        if meta.get("nested_dtype", "float32") != "float32":
+            raise bad("nested_dtype", "'float32' (what bitsandbytes writes)")
+    return meta
 
 
 def _bits(t: torch.Tensor | None) -> torch.Tensor | None:
