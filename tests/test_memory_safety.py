@@ -371,3 +371,40 @@ def test_block_sparse_scale_past_the_range_raises():
     q, k, v = (torch.randn(1, 112, 2, 16, device=DEVICE) for _ in range(3))
     with pytest.raises(ValueError, match=r"softmax_scale: expected .*1e\+18"):
         tritium.block_sparse_attention(q, k, v, block_size=16, num_random_blocks=1, softmax_scale=1e300)
+
+
+# ----------------------------------------------------------------------------- dense ops
+
+DENSE_OPS = {
+    # name: (tritium op, reference, inputs (rows 37, hidden 24, intermediate 40), differentiable)
+    "linear": (lambda x, w, b: tritium.linear(x, w, b, activation="gelu_tanh"),
+               lambda x, w, b: reference.linear(x, w, b, "gelu_tanh"), ((37, 24), (40, 24), (40,))),
+    "gated_mlp": (lambda x, gu, d: tritium.gated_mlp(x, gu, d, "silu"),
+                  lambda x, gu, d: reference.gated_mlp(x, gu, d, "silu"), ((37, 24), (80, 24), (24, 40))),
+    "rms_norm": (lambda x, w, r: tritium.rms_norm(x, w, 1e-6, offset=1.0, residual=r),
+                 lambda x, w, r: reference.rms_norm(x, w, 1e-6, offset=1.0, residual=r), ((37, 24), (24,), (37, 24))),
+    "layer_norm": (lambda x, w, b: tritium.layer_norm(x, w, b, 1e-5),
+                   lambda x, w, b: reference.layer_norm(x, w, b, 1e-5), ((37, 24), (24,), (24,))),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(DENSE_OPS))
+def test_dense_ops_stay_inside(name, mode):
+    # No index comes from a value here: the shapes and strides alone must keep every load
+    # and store inside, forward and (eagerly) backward.
+    op, ref, shapes = DENSE_OPS[name]
+    inputs = [torch.randn(shape, device=DEVICE) * shape[-1] ** -0.5 for shape in shapes]
+    truth = ref(*(x.double() for x in inputs))
+    same = ref(*inputs)
+    fenced_inputs, untouched = fence_all(*inputs)
+    for x in fenced_inputs:
+        x.requires_grad_(mode == "eager")
+    out = call(mode, op, *fenced_inputs)
+    outs, sames, truths = (t if isinstance(t, tuple) else (t,) for t in (out, same, truth))
+    for got, want_same, want in zip(outs, sames, truths):
+        assert_close(name, got, want_same, want, torch.float32)
+    if mode == "eager":
+        grads = torch.autograd.grad(outs, fenced_inputs, [torch.randn_like(o) for o in outs])
+        assert all(g.shape == x.shape and not g.isnan().any() for g, x in zip(grads, fenced_inputs))
+    untouched()
