@@ -31,6 +31,15 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def values_readable(x: torch.Tensor) -> bool:
+    """True when the host may read x's values (a sync) or keep x for later calls: not inside
+    capture or tracing (`capturing`), no dispatch mode active (FakeTensorMode, ...), and x a
+    plain tensor (not fake, meta, functional or another subclass). Where it is False, host
+    checks on values are skipped and the kernels' own guards stand."""
+    return (not capturing() and type(x) in _TENSORS and not x.is_meta
+            and not torch._C._len_torch_dispatch_stack())
+
+
 _TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
 _PLAIN = frozenset({int, float, bool, str, type(None), torch.dtype, list, tuple, torch.Size})
 

@@ -20,7 +20,7 @@ from tritium.kernels.attention import check_attention_args, check_key_padding_ma
 from tritium.kernels.online_softmax import head_block
 from tritium.kernels.tiles import rounded
 from tritium.kernels.validation import check_dim, check_like, check_tensor, is_empty
-from tritium.runtime import capturing, cdiv, custom_op, interpreted, needs_grad, next_power_of_2
+from tritium.runtime import cdiv, custom_op, interpreted, needs_grad, next_power_of_2, values_readable
 
 MAX_SPLITS = 64
 
@@ -197,7 +197,7 @@ def _check_cache_args(q, k_cache, cache_seqlens, k, v) -> torch.Tensor:
     check_dim("cache_seqlens", cache_seqlens, 0, batch, "batch")
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens: device {cache_seqlens.device} differs from q's {q.device}")
-    if not capturing() and not is_empty(batch):
+    if values_readable(cache_seqlens) and not is_empty(batch):
         # A data-dependent check needs the values on the host: done whenever a sync is
         # allowed (and there are values). Under capture the kernels clamp instead.
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())

@@ -29,8 +29,8 @@ from tritium import autotune
 from tritium.kernels.attention import check_attention_args, check_key_padding_mask
 from tritium.kernels.online_softmax import bwd_delta_kernel, head_block, logits, lse_log2, softmax_step
 from tritium.kernels.tiles import dot, dot_precision, load_rows, rounded
-from tritium.kernels.validation import check_tensor, holds_values, is_empty
-from tritium.runtime import capturing, custom_op, next_power_of_2, run_function
+from tritium.kernels.validation import check_tensor, is_empty
+from tritium.runtime import custom_op, next_power_of_2, run_function, values_readable
 
 MASK_PENALTY = -10000.0  # transformers' attn_mask_penalty, added to masked keys' scores
 LOG2E = 1.4426950408889634
@@ -358,7 +358,7 @@ def _layout(num_blocks: int, heads: int, num_random_blocks: int, rand_attn, q):
     if rand_attn is not None:
         return block_lists(num_blocks, rand_attn)
     key = (num_blocks, heads, num_random_blocks, str(q.device))
-    cache = not capturing() and holds_values(q)
+    cache = values_readable(q)
     if not cache or key not in _EVAL_LISTS:
         zeros = torch.zeros(heads, num_blocks - 2, num_random_blocks, dtype=torch.int32, device=q.device)
         if not cache:
@@ -383,7 +383,7 @@ def _check_indices(rand_attn: torch.Tensor, num_blocks: int) -> None:
     allowed. Not cached by (data_ptr, version): a write the version counter misses (.data,
     numpy) or a reused address would go unseen. Where it cannot run, the kernels ignore
     such an index (module docstring)."""
-    if not rand_attn.numel() or capturing() or not holds_values(rand_attn):
+    if not rand_attn.numel() or not values_readable(rand_attn):
         return
     lo, hi = torch.stack(torch.aminmax(rand_attn)).tolist()
     if lo < 0 or hi >= num_blocks:

@@ -72,13 +72,6 @@ def is_empty(*sizes: int) -> bool:
     return 0 in sizes
 
 
-def holds_values(x: torch.Tensor) -> bool:
-    """True when the host may read x's values (a sync) or cache x for later calls: a plain
-    tensor (not fake, meta, functional or another subclass) outside any dispatch mode
-    (FakeTensorMode, ...). Callers also skip capture and tracing (`runtime.capturing`)."""
-    return type(x) in (torch.Tensor, torch.nn.Parameter) and not x.is_meta and not torch._C._len_torch_dispatch_stack()
-
-
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """x (..., features) as (rows, features), rows the product of the leading dims: a view
     when they flatten to one stride, a copy otherwise. Unlike reshape(-1, features), it
