@@ -1,5 +1,7 @@
 """flash_attention_with_kvcache against full attention over the same cache."""
 
+import warnings
+
 import pytest
 import torch
 from accuracy import assert_close
@@ -162,3 +164,122 @@ def test_cuda_graph_capture():
     lengths = [int(n) for n in seqlens]  # after three appends, the last at seqlens - 1
     truth, same = expected(q, k_cache, v_cache, lengths, dict(causal=True))
     assert_close("out", out, same, truth, torch.bfloat16)
+
+
+# ---------------------------------------------------------- split-KV over the filled length
+
+
+def split_keys(cache_seqlens, max_seqlen, num_splits, *, seqlen_new=0, heads=(8, 2), window=(-1, 0)):
+    """Keys each split of the real split-KV launch attends to, (batch, num_splits): q = 0
+    makes every visible key's score 0, so a split's partial lse is log(its key count)
+    (-inf, i.e. 0 keys, for a split without work). Runs `launch_forward` as the KV-cache
+    op does, on a cache whose rows up to the lengths are filled."""
+    from tritium.kernels.attention import forward_config, launch_forward
+
+    batch, (heads_q, heads_kv), head_dim = len(cache_seqlens), heads, 16
+    seqlens = torch.tensor(cache_seqlens, dtype=torch.int32, device=DEVICE)
+    k_cache, v_cache = make_cache(batch, max_seqlen, heads_kv, head_dim, torch.float32)
+    q = torch.zeros(batch, 1, heads_q, head_dim, device=DEVICE)
+    pack = heads_q // heads_kv
+    window = dict(window_left=window[0], window_right=window[1], softcap=0.0)
+    config = forward_config(q, k_cache, pack=pack, **window)
+    out = torch.empty((num_splits, *q.shape), device=DEVICE)
+    lse = torch.empty((num_splits, batch, heads_q, 1), device=DEVICE)
+    launch_forward(q, k_cache, v_cache, out, lse, config, key_padding_mask=None, seqlens_k=seqlens,
+                   seqlen_new=seqlen_new, scale=1.0, max_seqlen_k=max_seqlen, pack=pack, num_splits=num_splits,
+                   **window)
+    assert torch.equal(lse, lse[:, :, :1].expand_as(lse)), "the heads of a pack saw different keys"
+    return lse[:, :, 0, 0].exp().round().long().T.tolist(), config.meta["BLOCK_N"]
+
+
+def test_splits_follow_the_filled_length():
+    """A short filled length in a long cache: every split gets an even share of the
+    blocks the sequence needs (with the plan over the capacity, 1 of 4 had work)."""
+    max_seqlen, splits = 4000, 4
+    keys, block_n = split_keys([0, 1, 17, 300, 1000, max_seqlen - 1], max_seqlen, splits, seqlen_new=1)
+    for length, per_split in zip((1, 2, 18, 301, 1001, max_seqlen), keys):
+        assert sum(per_split) == length, per_split  # every key once
+        blocks = -(-length // block_n)
+        assert sum(n > 0 for n in per_split) == min(blocks, splits), (length, per_split)
+        # whole blocks, the last one maybe partial: each split's share is the even one
+        assert {-(-n // block_n) for n in per_split} <= {blocks // splits, -(-blocks // splits)}, per_split
+
+
+def test_windowed_splits_cover_the_window_only():
+    """Gemma 2's case, scaled: a 511-key window at the end of a 1000-key fill in a
+    4000-row cache. The splits share the window's blocks (with the plan over the
+    capacity, 2 of 8 had work)."""
+    keys, block_n = split_keys([999, 3999, 5], 4000, 8, seqlen_new=1, heads=(4, 1), window=(511, 0))
+    for length, per_split in zip((1000, 4000, 6), keys):
+        assert sum(per_split) == min(length, 512), per_split
+        first = max(length - 512, 0) // block_n * block_n  # the window's first block
+        blocks = -(-(length - first) // block_n)
+        assert sum(n > 0 for n in per_split) == min(blocks, 8), (length, per_split)
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (20, 0), (3, 0)], ids=str)
+@pytest.mark.parametrize("heads,seqlen_q", [((8, 2), 1), ((4, 1), 3), ((2, 2), 2)], ids=str)
+@pytest.mark.parametrize("num_splits", [None, 3, 64])
+def test_split_results_at_every_filled_length(num_splits, heads, seqlen_q, window):
+    """Filled lengths 0, 1, 17 and full, with new tokens appended, GQA/MQA packs and
+    windows; 64 splits leave most of them empty (written as lse -inf and merged away)."""
+    batch, max_seqlen, head_dim = 4, 100, 32
+    heads_q, heads_kv = heads
+    k_cache, v_cache = make_cache(batch, max_seqlen, heads_kv, head_dim, torch.float32)
+    q = torch.randn(batch, seqlen_q, heads_q, head_dim, device=DEVICE)
+    k_new, v_new = (torch.randn(batch, seqlen_q, heads_kv, head_dim, device=DEVICE) for _ in range(2))
+    cached = torch.tensor([0, 1, 17, max_seqlen - seqlen_q], dtype=torch.int64, device=DEVICE)
+    opts = dict(causal=window[1] == 0, window_size=window if window[1] == 0 else (-1, -1))
+    out, lse = tritium.flash_attention_with_kvcache(q, k_cache, v_cache, cached, k=k_new, v=v_new,
+                                                    num_splits=num_splits, return_lse=True, **opts)
+    lengths = (cached + seqlen_q).tolist()
+    truth, same = expected(q, k_cache, v_cache, lengths, opts)
+    assert_close("out", out, same, truth, torch.float32)
+    for b, n in enumerate(lengths):
+        full = tritium.flash_attention(q[b : b + 1], k_cache[b : b + 1, :n], v_cache[b : b + 1, :n], return_lse=True,
+                                       **opts)
+        assert torch.allclose(lse[b : b + 1], full[1], atol=1e-4), f"lse of sequence {b} (length {n})"
+
+
+def test_no_keys_at_all_with_splits():
+    """Filled length 0 and nothing appended: every split is empty."""
+    k_cache, v_cache = make_cache(2, 300, 1, 16, torch.float32)
+    q = torch.randn(2, 1, 4, 16, device=DEVICE)
+    seqlens = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    out, lse = tritium.flash_attention_with_kvcache(q, k_cache, v_cache, seqlens, num_splits=5, return_lse=True)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+
+
+@pytest.mark.gpu
+def test_eager_call_syncs_once():
+    """An eager call with a tensor cache_seqlens reads the lengths once (its range check);
+    with an int, never."""
+    assert ON_GPU
+    k_cache, v_cache = make_cache(2, 4096, 2, 128, torch.bfloat16)
+    q = torch.randn(2, 1, 8, 128, device=DEVICE, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 1, 2, 128, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    seqlens = torch.tensor([100, 3000], dtype=torch.int32, device=DEVICE)
+    for lengths, syncs in ((seqlens, 1), (100, 0)):
+        tritium.flash_attention_with_kvcache(q, k_cache, v_cache, lengths, k=k, v=v)  # compile first
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                tritium.flash_attention_with_kvcache(q, k_cache, v_cache, lengths, k=k, v=v)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        found = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(found) == syncs, [str(w.message) for w in found]
+
+
+def test_split_count_is_capped_by_the_window():
+    """The host plans from shapes alone: never more splits than blocks a tile's span can
+    hold (the cache's, or a bounded window's, whatever the lengths on the device)."""
+    from tritium.kernels.attention_kvcache import _split_count
+
+    q = torch.empty(2, 1, 8, 64, device=DEVICE)
+    assert _split_count(q, 2, 32768, 4, 64, 64, -1, 0) == 64
+    assert _split_count(q, 2, 32768, 4, 64, 64, 100, 0) == 3  # 101 keys from anywhere in a block: 3 blocks
+    assert _split_count(q, 2, 100, 4, 32, 64, -1, 0) == 4  # a 100-row cache has 4 blocks of 32
+    assert _split_count(q, 2, 0, 4, 32, 5, -1, 0) == 1

@@ -1,5 +1,7 @@
 """BigBird block-sparse attention against transformers' own module and a dense float64
-reference that applies the same block layout, duplicates counted."""
+reference that applies the same block layout, duplicates counted; the global blocks split
+over several programs and merged, and the inverse lists of the dK/dV pass against a
+brute-force inversion."""
 
 import numpy as np
 import pytest
@@ -9,7 +11,8 @@ from conftest import DEVICE, DTYPES, nan_padded
 
 import tritium
 from tritium import reference
-from tritium.kernels.block_sparse import bigbird_random_layout, block_sparse_attention, min_seqlen
+from tritium.kernels import block_sparse
+from tritium.kernels.block_sparse import bigbird_random_layout, block_lists, block_sparse_attention, min_seqlen
 
 BLOCK, RANDOM = 16, 1
 SEQLEN = min_seqlen(BLOCK, RANDOM)  # 128: 8 blocks, the shortest sequence with a sparse layout
@@ -107,9 +110,11 @@ def test_forward_backward_against_dense_reference(layout, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [4, 12, 40, 160])
-def test_padded_head_dims(head_dim, dtype):
+def test_padded_head_dims(head_dim, dtype, monkeypatch):
     """Forward, dQ and dK/dV on head_dims padded to BLOCK_D (a subset: the interpreter is
-    slow here). q, k, v and dout are NaN past head_dim: a load of a padded column shows."""
+    slow here), global blocks split in 3 and merged. q, k, v and dout are NaN past
+    head_dim: a load of a padded column shows."""
+    monkeypatch.setattr(block_sparse, "split_blocks", lambda r: 3)
     q, k, v = (nan_padded((1, SEQLEN, 1, head_dim), dtype).requires_grad_() for _ in range(3))
     generator = torch.Generator(device=DEVICE).manual_seed(1)
     rand_attn = bigbird_random_layout(SEQLEN, BLOCK, RANDOM, 1, generator=generator, device=DEVICE)
@@ -123,6 +128,152 @@ def test_noncontiguous_inputs_and_duplicates():
     # (once in their window), the others once.
     rand_attn = torch.full((2, SEQLEN // BLOCK - 2, RANDOM), 5, device=DEVICE)
     check_against_reference(q, k, v, rand_attn, padding_mask(1, SEQLEN), torch.randn(1, SEQLEN, 2, 32, device=DEVICE))
+
+
+class Launches:
+    """Stands in for a kernel in the module: records each launch's grid, then launches."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+def record_launches(monkeypatch) -> dict:
+    grids = {}
+    for name in ("_bs_fwd_kernel", "_bs_bwd_dq_kernel", "_bs_bwd_dkdv_kernel", "_bs_merge_kernel"):
+        grids[name] = []
+        monkeypatch.setattr(block_sparse, name, Launches(getattr(block_sparse, name), grids[name]))
+    return grids
+
+
+@pytest.mark.parametrize(
+    "num_blocks,chunk,layout",
+    [
+        (26, None, "random-padded"),  # split_blocks(1) = 12: 3 programs per global block, the last short
+        (11, 3, "eval-gqa-padded"),  # 4 per global block; the middle rows' 6 blocks stay in one program
+        (11, 3, "random-gqa"),
+    ],
+)
+def test_global_blocks_split_and_merged(num_blocks, chunk, layout, monkeypatch):
+    """Sequences of many blocks: the global query blocks (forward, dQ) and the global key
+    blocks (dK/dV) are walked by several programs of at most split_blocks key (query)
+    blocks each, launched first, and merged; outputs, lse and gradients are the
+    reference's. Eval layouts (block 0 counted r + 1 times), random ones, GQA, padding."""
+    if chunk is not None:
+        monkeypatch.setattr(block_sparse, "split_blocks", lambda r: chunk)
+    chunk = block_sparse.split_blocks(RANDOM)
+    grids = record_launches(monkeypatch)
+    seqlen, heads_kv = num_blocks * BLOCK, 1 if "gqa" in layout else 2
+    q = torch.randn(2, seqlen, 2, 16, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(2, seqlen, heads_kv, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    generator = torch.Generator(device=DEVICE).manual_seed(2)
+    rand_attn = (None if layout.startswith("eval")
+                 else bigbird_random_layout(seqlen, BLOCK, RANDOM, 2, generator=generator, device=DEVICE))
+    mask = padding_mask(2, seqlen) if "padded" in layout else None
+    check_against_reference(q, k, v, rand_attn, mask, torch.randn(q.shape, device=DEVICE))
+    splits = -(-num_blocks // chunk)
+    assert splits > 1
+    programs = num_blocks - 2 + 2 * splits  # was num_blocks, the global ones walking every block
+    assert grids["_bs_fwd_kernel"] == [(programs, 4)]
+    assert grids["_bs_bwd_dq_kernel"] == [(programs, 4)]
+    assert grids["_bs_bwd_dkdv_kernel"] == [(programs, 2 * heads_kv)]
+    assert [grid[1:] for grid in grids["_bs_merge_kernel"]] == [(4, 1), (4, 1), (2 * heads_kv, 2)]
+
+
+def test_short_sequences_are_not_split(monkeypatch):
+    """8 blocks fit in one program of split_blocks(1) = 12: nothing to merge."""
+    grids = record_launches(monkeypatch)
+    q, k, v = (torch.randn(1, SEQLEN, 1, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    check_against_reference(q, k, v, None, padding_mask(1, SEQLEN), torch.randn(q.shape, device=DEVICE))
+    assert grids["_bs_fwd_kernel"] == grids["_bs_bwd_dq_kernel"] == grids["_bs_bwd_dkdv_kernel"] == [(8, 1)]
+    assert grids["_bs_merge_kernel"] == []
+
+
+def test_out_of_range_ignored_with_split_global_blocks(monkeypatch):
+    """tests/test_memory_safety_sparse_nf4.py's compiled case with the global blocks split:
+    on fenced inputs, rand_attn indices outside [0, num_blocks) (which only torch.compile
+    lets through) are ignored by the forward, the merge and both backward kernels (the
+    inverse lists leave them out), and nothing is read or written past a tensor."""
+    from test_memory_safety_sparse_nf4 import attend, check_attention, out_of_range_layout
+
+    monkeypatch.setattr(block_sparse, "split_blocks", lambda r: 3)
+    torch._dynamo.reset()
+    check_attention(torch.compile(attend, fullgraph=True, backend="aot_eager"), out_of_range_layout(), monkeypatch,
+                    mask_view="strided")
+
+
+def brute_force_inverse(lists: torch.Tensor, counts: torch.Tensor) -> list:
+    """inverse[h][j]: [(query block, times it lists key block j)] in query-block order, by
+    reading every slot of every list of block_lists (skipped entries left out)."""
+    heads, num_blocks, width = lists.shape
+    inverse = [[{} for _ in range(num_blocks)] for _ in range(heads)]
+    for h in range(heads):
+        for i in range(num_blocks):
+            for slot in range(min(int(counts[i]), width)):
+                j = int(lists[h, i, slot])
+                if 0 <= j < num_blocks:
+                    inverse[h][j][i] = inverse[h][j].get(i, 0) + 1
+    return [[sorted(row.items()) for row in head] for head in inverse]
+
+
+def layout_for(kind: str, num_blocks: int, r: int, heads: int = 3) -> torch.Tensor:
+    generator = torch.Generator(device=DEVICE).manual_seed(num_blocks * 10 + r)
+    rand_attn = bigbird_random_layout(num_blocks * BLOCK, BLOCK, r, heads, generator=generator, device=DEVICE)
+    if kind == "eval" or not r:
+        return torch.zeros_like(rand_attn)
+    if kind == "duplicates":  # every row lists block 3 r times: rows 2, 3, 4 once more in their window
+        return torch.full_like(rand_attn, 3)
+    if kind == "out-of-range":  # ignored: past the end, before the start, 3 once truncated to 32 bits
+        rand_attn[0, 1, 0], rand_attn[1, 2, -1], rand_attn[2, 0, 0] = num_blocks + 4, -1, 2**32 + 3
+        rand_attn[1, -1, 0] = num_blocks
+    return rand_attn
+
+
+@pytest.mark.parametrize("num_blocks,r", [(8, 1), (13, 3), (40, 2), (9, 0)])
+@pytest.mark.parametrize("kind", ["eval", "random", "duplicates", "out-of-range"])
+def test_inverse_lists_against_brute_force(kind, num_blocks, r):
+    """For each head and key block: the query blocks whose lists hold it, each once and in
+    order, with the number of times it is listed (the eval layout's block 0: r + 1 times
+    by every middle row); entries outside [0, num_blocks) left out; the global key blocks
+    listed by every query block."""
+    from tritium.kernels.block_sparse import inverse_lists
+
+    rand_attn = layout_for(kind, num_blocks, r)
+    offsets, entries = inverse_lists(num_blocks, rand_attn)
+    heads = rand_attn.shape[0]
+    capacity = 2 * num_blocks + (num_blocks - 2) * (5 + r)
+    assert offsets.dtype == entries.dtype == torch.int32
+    assert offsets.shape == (heads, num_blocks + 1) and entries.shape == (heads, 2, capacity)
+    assert (offsets[:, 0] == 0).all() and (offsets.diff(dim=1) >= 0).all() and (offsets[:, -1] <= capacity).all()
+    expected = brute_force_inverse(*block_lists(num_blocks, rand_attn))
+    if kind != "out-of-range":
+        counts = reference.bigbird_block_counts(num_blocks, rand_attn)
+        assert expected == [[[(i, int(counts[h, i, j])) for i in range(num_blocks) if counts[h, i, j]]
+                             for j in range(num_blocks)] for h in range(heads)]
+    for h in range(heads):
+        for j in range(num_blocks):
+            lo, hi = offsets[h, j].item(), offsets[h, j + 1].item()
+            assert list(zip(entries[h, 0, lo:hi].tolist(), entries[h, 1, lo:hi].tolist())) == expected[h][j], (h, j)
+        assert offsets[h, 1] - offsets[h, 0] == offsets[h, -1] - offsets[h, -2] == num_blocks
+    if kind == "eval":
+        assert entries[0, 1, 1: num_blocks - 1].tolist() == [r + 1] * (num_blocks - 2)
+
+
+def test_inverse_lists_compile_without_host_reads():
+    """Built by tensor ops alone: traced whole (fullgraph) for a training layout, the same
+    as eagerly; and built on the meta device, where a value read would fail."""
+    from tritium.kernels.block_sparse import inverse_lists
+
+    rand_attn = layout_for("out-of-range", 13, 3)
+    torch._dynamo.reset()
+    compiled = torch.compile(inverse_lists, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(13, rand_attn), inverse_lists(13, rand_attn)):
+        assert torch.equal(got, want)
+    offsets, entries = inverse_lists(13, rand_attn.to("meta"))
+    assert offsets.shape == (3, 14) and entries.shape == (3, 2, 2 * 13 + 11 * 8)
 
 
 def test_random_layout_respects_transformers_candidates():
@@ -179,12 +330,24 @@ def test_errors(changes, error, words):
         assert f"minimum {SEQLEN}" in str(info.value) and "flash_attention" in str(info.value)
 
 
-def test_torch_compile_fullgraph():
-    q, k, v = (torch.randn(1, SEQLEN, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+@pytest.mark.parametrize("layout", ["eval", "random-split"])
+def test_torch_compile_fullgraph(layout, monkeypatch):
+    """Compiled whole, forward and backward, as eagerly: the eval layout (cached), and a
+    training layout (its lists and inverse lists built in the graph) with global blocks
+    split over programs."""
+    seqlen, rand_attn = SEQLEN, None
+    if layout == "random-split":
+        monkeypatch.setattr(block_sparse, "split_blocks", lambda r: 3)
+        seqlen = SEQLEN + 2 * BLOCK
+        generator = torch.Generator(device=DEVICE).manual_seed(4)
+        rand_attn = bigbird_random_layout(seqlen, BLOCK, RANDOM, 2, generator=generator, device=DEVICE)
+    q, k, v = (torch.randn(1, seqlen, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
 
     def step(q, k, v):
-        return tritium.block_sparse_attention(q, k, v, block_size=BLOCK, num_random_blocks=RANDOM).square().sum()
+        return tritium.block_sparse_attention(q, k, v, block_size=BLOCK, num_random_blocks=RANDOM,
+                                              rand_attn=rand_attn).square().sum()
 
+    torch._dynamo.reset()
     loss = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v)
     grads = torch.autograd.grad(loss, (q, k, v))
     eager = torch.autograd.grad(step(q, k, v), (q, k, v))

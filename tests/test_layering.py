@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tritium"
 # nothing of tritium (the oracle must not share code with what it checks).
 LAYERS = {
     "tritium.runtime": 0,
+    "tritium.compile_only": 0,  # where kernels run: compiled for a GPU that is not here
     "tritium.autotune": 1,
     "tritium.kernels": 2,
     "tritium": 3,  # the public face: tritium/__init__.py, tritium.nf4

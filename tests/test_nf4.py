@@ -231,6 +231,61 @@ def test_matmul_configs(kernel, config, split_k):
         check_matmul(x, w, torch.randn(72, device=DEVICE), path=kernel[4:])
 
 
+def every_byte_weight(shape, blocksize, double_quant) -> nf4.NF4Weight:
+    """A weight whose packed bytes take all 256 values (each of the 16 codes in both
+    nibbles, next to every other code), in a random order, with random scales."""
+    n, k = shape
+    generator = torch.Generator().manual_seed(0)
+    nbytes = n * k // 2
+    order = torch.randperm(nbytes, generator=generator)
+    packed = (torch.arange(nbytes) % 256)[order].to(torch.uint8).reshape(-1, 1)
+    blocks = -(-n * k // blocksize)
+    code = nf4.nf4_code()
+    if not double_quant:
+        absmax = torch.rand(blocks, generator=generator) * 4 + 0.01
+        state = (packed, absmax, blocksize, shape, torch.float32, code)
+    else:
+        absmax = torch.randint(0, 256, (blocks,), generator=generator, dtype=torch.uint8)
+        absmax2 = torch.rand(-(-blocks // nf4.NESTED_BLOCKSIZE), generator=generator) + 0.5
+        state = (packed, absmax, blocksize, shape, torch.float32, code, absmax2, nf4.dynamic_map(), torch.tensor(0.25))
+    w = nf4.NF4Weight(*[t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in state])
+    assert torch.equal(torch.unique(w.packed.cpu()), torch.arange(256, dtype=torch.uint8))
+    return w
+
+
+# (shape, blocksize): whole blocks along K (one scale per row and K step); K not a
+# multiple of the block size and an odd number of rows (a scale per byte, masked K tail).
+EVERY_CODE_CASES = {"16x64-b64": ((16, 64), 64), "9x70-b32": ((9, 70), 32)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double"])
+@pytest.mark.parametrize("name", list(EVERY_CODE_CASES))
+def test_every_code_decodes_exactly(name, double_quant, dtype):
+    """Every code in both nibbles dequantizes to its table value times its scale, bit for
+    bit, in dequantize and inside both matmul paths: x = I makes the product the
+    dequantized weight itself (one product by 1 per output, the rest 0)."""
+    shape, blocksize = EVERY_CODE_CASES[name]
+    w = every_byte_weight(shape, blocksize, double_quant)
+    expected = reference_dequantize(w, dtype)
+    assert torch.equal(nf4.dequantize(w, dtype), expected)
+    eye = torch.eye(shape[1], device=DEVICE, dtype=dtype)
+    for path in ("gemv", "gemm"):
+        out = nf4.matmul(eye, w, path=path)
+        assert torch.equal(out, expected.T), path
+
+
+@pytest.mark.parametrize("rows", tuning.GEMV_BUCKETS)
+def test_gemv_default_tiles(rows):
+    """The GEMV at its heuristic default tile for every token bucket (BLOCK_N up to 128,
+    K steps down to 8, 4 and 8 warps), plain and double-quantized."""
+    for double_quant in (False, True):
+        w = nf4_weight(40, 192, 64, double_quant)
+        bucket = tuning.matmul_bucket(m=rows, n=40, k=192, dtype=torch.float32, blocksize=64)
+        with autotune.override("nf4_gemv", tuning.gemv_default(**bucket)):
+            check_matmul(torch.randn(rows, 192, device=DEVICE), w, None, path="gemv")
+
+
 def test_matmul_noncontiguous_and_empty():
     w = nf4_weight(40, 64)
     x = torch.randn(64, 12, device=DEVICE).t()  # (12, 64) with strides (1, 12)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import triton
 from accuracy import assert_close
 from conftest import DEVICE, DTYPES
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
@@ -236,15 +237,94 @@ def test_empty_input():
     assert dx.shape == (0, 64) and torch.equal(dw, torch.zeros(64))
 
 
-@pytest.mark.parametrize("block_m,per_sm", [(1, 1), (2, 4), (16, 1)])
-def test_tile_shapes(block_m, per_sm):
-    """Any rows per tile and per backward program: partial tiles, one program or many."""
+def _check_tiles(block_m: int, per_sm: int, names: tuple[str, ...], shape: tuple[int, int]) -> None:
+    """Every style in `names` against the reference at BLOCK_M rows per tile and PER_SM
+    backward programs per SM, float16 with a residual."""
     fwd = autotune.Config({"BLOCK_M": block_m}, num_warps=1, num_stages=1)
     bwd = autotune.Config({"BLOCK_M": block_m, "PER_SM": per_sm}, num_warps=1, num_stages=1)
     with autotune.override("norm_fwd", fwd), autotune.override("norm_bwd", bwd):
-        for name in ("llama", "layer"):
-            inputs = make_inputs(STYLES[name], (37, 100), torch.float16, residual=True)
+        for name in names:
+            inputs = make_inputs(STYLES[name], shape, torch.float16, residual=True)
             check_against_reference(STYLES[name], inputs, random_grads(STYLES[name](norm, **inputs)))
+
+
+@pytest.mark.parametrize("block_m,per_sm", [(1, 1), (2, 4), (16, 1)])
+def test_tile_shapes(block_m, per_sm):
+    """Any rows per tile and per backward program: partial tiles, one program or many."""
+    _check_tiles(block_m, per_sm, ("llama", "layer"), (37, 100))
+
+
+# ----------------------------------------------------------------------------- rows split into chunks
+
+
+def _idle(hidden: int, block_n: int, chunks: int) -> float:
+    return 1 - hidden / (block_n * chunks)
+
+
+def test_row_chunks_leave_few_lanes_idle():
+    """The models' hidden sizes waste at most 1/8 of the lanes (one tile of the next power
+    of two wastes 44% at Gemma 2's 2304 and 4608); a power of two is one tile, read once."""
+    for hidden in (2304, 3584, 4096, 4608, 5120, 6144):
+        block_n, chunks = norm.row_chunks(hidden)
+        assert _idle(hidden, block_n, chunks) <= 1 / 8, (hidden, block_n, chunks)
+    assert norm.row_chunks(2304) == (512, 5) and norm.row_chunks(4608) == (1024, 5)
+    assert norm.row_chunks(3584) == (4096, 1)  # 1/8 idle: one read beats two at no waste
+    for hidden in (1, 64, 1024, 4096, 8192):
+        assert norm.row_chunks(hidden) == (hidden, 1)
+    assert norm.row_chunks(65536) == (8192, 8)  # no row wider than MAX_CHUNK in registers
+
+
+def test_row_chunks_cover_the_row():
+    """Any hidden: power-of-two chunks that cover the row, the last one not empty, never
+    narrower than asked nor wider than MAX_CHUNK, never more idle lanes than one padded
+    tile; below MAX_CHUNK, chunks only where they bring the idle lanes down to 1/8."""
+    for narrowest in (16, 256):
+        for hidden in [*range(1, 700), *range(700, norm.MAX_HIDDEN + 1, 97), norm.MAX_HIDDEN]:
+            block_n, chunks = norm.row_chunks(hidden, narrowest)
+            full = triton.next_power_of_2(hidden)
+            assert block_n & (block_n - 1) == 0 and (chunks - 1) * block_n < hidden <= chunks * block_n
+            assert min(narrowest, full) <= block_n <= norm.MAX_CHUNK
+            assert _idle(hidden, block_n, chunks) <= _idle(hidden, full, 1)
+            if chunks > 1 and hidden <= norm.MAX_CHUNK:
+                assert _idle(hidden, block_n, chunks) <= norm.IDLE < _idle(hidden, full, 1)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Rows split into chunks of 32 or 64: the chunked kernels at sizes the interpreter runs fast."""
+    monkeypatch.setattr(norm, "MIN_CHUNK", 16)
+
+
+CHUNKED = {96: (32, 3), 144: (32, 5), 288: (64, 5)}  # hidden: (BLOCK_N, chunks); 96 splits exactly
+
+
+@pytest.mark.parametrize("hidden", list(CHUNKED))
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("name", list(STYLES))
+def test_chunked_rows(small_chunks, name, residual, hidden):
+    """Rows read in chunks (two passes): outputs and gradients as close as in one tile,
+    the same roundings (Gemma's float32 (1 + w), Llama's cast-then-multiply)."""
+    assert norm.row_chunks(hidden) == CHUNKED[hidden]
+    style = STYLES[name]
+    for dtype in (torch.float16, torch.float32):
+        inputs = make_inputs(style, (7, hidden), dtype, residual)
+        check_against_reference(style, inputs, random_grads(style(norm, **inputs)))
+
+
+@pytest.mark.parametrize("block_m,per_sm", [(1, 1), (2, 1), (16, 1)])
+def test_chunked_tile_shapes(small_chunks, block_m, per_sm):
+    """Chunked rows with several row tiles per backward program (13 rows, 4 programs under
+    the interpreter): each program adds every tile's dweight/dbias sums into its row of
+    partial sums. Partial row tiles too."""
+    _check_tiles(block_m, per_sm, ("gemma2", "layer"), (13, 144))
+
+
+def test_chunked_layer_norm_far_from_zero(small_chunks):
+    """Rows with a mean far larger than their spread: the chunks' statistics are merged
+    about their means (no variance as a difference of squares, which cancels here)."""
+    inputs = make_inputs(STYLES["layer"], (7, 144), torch.float32, residual=False)
+    inputs["x"] = 1000 + inputs["x"]
+    check_against_reference(STYLES["layer"], inputs, random_grads(STYLES["layer"](norm, **inputs)))
 
 
 def test_backward_is_deterministic():
@@ -259,7 +339,7 @@ def test_backward_is_deterministic():
 
 def test_bucket_and_default_configs():
     """Defaults survive their own pruning; every bucket has candidates to tune."""
-    for hidden in (100, 1024, 2304, 4608, 65536):
+    for hidden in (100, 1024, 2304, 3584, 4608, 5120, 6144, 40000, 65536):
         for rows in (1, 7, 129, 16384):
             for kernel in (norm.NORM_FWD, norm.NORM_BWD):
                 bucket = norm.norm_bucket(hidden=hidden, dtype=torch.bfloat16, rows=rows)

@@ -10,6 +10,8 @@ torch's dispatcher on plain eager calls, `run_function` skips autograd when noth
 a gradient, and `cdiv`/`next_power_of_2` replace Triton's slower host-side versions.
 """
 
+import contextlib
+import functools
 import inspect
 import os
 
@@ -40,6 +42,44 @@ def values_readable(x: torch.Tensor) -> bool:
             and not torch._C._len_torch_dispatch_stack())
 
 
+_PRETEND: dict = {}  # inside compile_only.compile_for: {"sm_count": n}
+
+
+@contextlib.contextmanager
+def pretend_device(sm_count: int):
+    """Launch paths see a GPU of `sm_count` SMs and accept meta tensors, whose launches
+    `compile_only.compile_for` compiles instead of running."""
+    previous = dict(_PRETEND)
+    _PRETEND.update(sm_count=sm_count)
+    try:
+        yield
+    finally:
+        _PRETEND.clear()
+        _PRETEND.update(previous)
+
+
+def kernel_device(device: torch.device) -> bool:
+    """True when kernels may launch on `device`: CUDA, the CPU under the interpreter, meta
+    tensors while compiling for a target (`pretend_device`)."""
+    kind = device.type
+    return kind == "cuda" or (kind == "cpu" and INTERPRETED) or (kind == "meta" and bool(_PRETEND))
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the GPU that runs `device`'s launches (4 on the CPU
+    interpreter: small enough that CPU tests take the multi-program paths)."""
+    if _PRETEND:
+        return _PRETEND["sm_count"]
+    if device.type != "cuda":
+        return 4
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 _TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
 _PLAIN = frozenset({int, float, bool, str, type(None), torch.dtype, list, tuple, torch.Size})
 
@@ -47,14 +87,15 @@ _PLAIN = frozenset({int, float, bool, str, type(None), torch.dtype, list, tuple,
 def _needs_dispatcher(values) -> bool:
     """True when a call must go through torch's dispatcher: under torch.compile/export
     tracing, with a dispatch mode or the profiler active (fake tensors, FLOP counters,
-    traces that name the op), or for tensor subclasses, meta tensors, fx proxies and any
-    other argument type an op's schema does not plainly take."""
+    traces that name the op), or for tensor subclasses, meta tensors (except while compiling
+    for a target: `pretend_device`), fx proxies and any other argument type an op's schema
+    does not plainly take."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch.autograd.profiler._is_profiler_enabled:
         return True
     for value in values:
         kind = type(value)
         if kind in _TENSORS:
-            if value.is_meta:
+            if value.is_meta and not _PRETEND:
                 return True
         elif kind not in _PLAIN:
             return True

@@ -3,9 +3,10 @@
 Lookup order: override (tests) -> in-process memo -> the user's cache -> the table shipped
 for this GPU -> tune, when asked and allowed -> heuristic default. A cached or shipped
 entry counts only if it was tuned for this SKU (its file), this Triton version and this
-kernel's source hash: editing one kernel invalidates that kernel's entries alone. Its config
-must also be one the kernel may launch for the bucket (`Kernel.config_problem`): anything
-else read from a file is dropped with one warning, never launched.
+kernel's source hash: editing a kernel, or a helper it calls, invalidates the entries of
+the kernels built from that code alone. Its config must also be one the kernel may launch
+for the bucket (`Kernel.config_problem`): anything else read from a file is dropped with
+one warning, never launched.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class Kernel:
     key(**problem) -> bucket: a dict of JSON scalars; problems in one bucket share a config.
     default(**bucket) -> Config: the heuristic choice on a GPU.
     interpreter: the config under the Triton interpreter (never tuned).
-    sources: the @triton.jit functions the kernel is built from (hashed for identity).
+    sources: the @triton.jit kernel (the root) and any functions it is built from, hashed
+    for identity (`source_hash`: compiled, the helpers a root calls count without a listing).
     prune(config, bucket) -> bool: False for configs that cannot work (shared memory).
     """
 
@@ -57,9 +59,16 @@ class Kernel:
 
     @functools.cached_property
     def source_hash(self) -> str:
+        """16 hex digits naming the code of the kernel: Triton's `cache_key` of each compiled
+        @triton.jit source, which hashes its text and, transitively, every @triton.jit
+        function it calls (wherever defined) and the constexpr globals they read; so
+        `sources` need only list the roots. It also holds the line each function starts on:
+        an edit above one in its file retires the entries too (old, not wrong: retuned).
+        Interpreted functions (and plain ones) have no cache_key: their own text is hashed,
+        which is enough there, as the interpreter neither reads nor writes entries."""
         digest = hashlib.sha256()
         for fn in self.sources:
-            digest.update(inspect.getsource(getattr(fn, "fn", fn)).encode())
+            digest.update(_source_key(fn).encode())
         return digest.hexdigest()[:16]
 
     def candidates(self, bucket: dict) -> list[Config]:
@@ -201,6 +210,19 @@ def valid_entries(sku: Sku) -> dict[str, dict[str, dict]]:
         name: {b: e for b, e in cache.get(name, {}).items() if kernel._from_file(e, None, None) is not None}
         for name, kernel in KERNELS.items() if cache.get(name)
     }
+
+
+def _source_key(fn) -> str:
+    """What identifies one of a kernel's `sources`: Triton's transitive cache_key for a
+    compiled @triton.jit function (or a wrapper of one, e.g. an Autotuner's .fn), else the
+    source text of the Python function (an InterpretedFunction's .fn, a plain function)."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):
+        fn = fn.fn
+    if isinstance(fn, JITFunction):
+        return "jit:" + fn.cache_key
+    return "text:" + inspect.getsource(fn)
 
 
 def _shown(value) -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from tritium.kernels.tiles import INTERPRETED
+
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
@@ -28,6 +30,20 @@ def tanh(x):
     # Clamping keeps exp2 finite; tanh(15) is 1 to float32 precision.
     e = tl.exp2(tl.minimum(tl.maximum(x, -15.0), 15.0) * 2.8853900817779268)
     return tl.where(tl.abs(x) < 0.625, poly, 1.0 - 2.0 / (e + 1.0))
+
+
+@triton.jit
+def tanh_for(x, dtype: tl.constexpr):
+    """tanh(x) in float32, at the precision that inputs of `dtype` call for. float32 inputs
+    get `tanh` (~1 ulp). 16-bit inputs get the hardware's `tanh.approx.f32` (MUFU.TANH, one
+    instruction instead of a dozen): its relative error, about 1.1e-5 (measured over all
+    floats by N. Juffa, NVIDIA developer forums), is 1/350 of bfloat16's rounding step and
+    1/40 of float16's. The interpreter has no PTX and takes `tanh`."""
+    if dtype == tl.float32 or INTERPRETED:
+        return tanh(x)
+    else:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
 
 
 @triton.jit

@@ -24,6 +24,8 @@ from tritium.kernels.attention_backward import launch_backward
 from tritium.kernels.online_softmax import (
     block_span,
     head_block,
+    heavier_later,
+    heaviest_first,
     logits,
     score_scales,
     softmax_step,
@@ -81,9 +83,22 @@ def _fwd_blocks(
 
 
 @triton.jit
+def split_span(lo, hi, split, num_splits, BLOCK_N: tl.constexpr):
+    """Part `split` of `num_splits` of the key range [lo, hi) (lo a multiple of BLOCK_N):
+    whole blocks, spread evenly (the parts' block counts differ by at most one, so every
+    split has work when the range has num_splits blocks or more), in order, possibly
+    empty (lo = hi). The block arithmetic is int64: blocks * split passes 2**31 on a cache
+    of 2**27 blocks."""
+    blocks = (hi.to(tl.int64) - lo + BLOCK_N - 1) // BLOCK_N
+    start = lo + (split * blocks // num_splits) * BLOCK_N
+    end = lo + ((split + 1) * blocks // num_splits) * BLOCK_N
+    return start.to(tl.int32), tl.minimum(end, hi).to(tl.int32)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse, KeyMask, SeqlensK,
-    qk_scale, cap_log2, seqlen_q, seqlen_k, seqlen_new, window_left, window_right, split_len, heads_q, group,
+    qk_scale, cap_log2, seqlen_q, seqlen_k, seqlen_new, window_left, window_right, num_splits, heads_q, group,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -92,18 +107,21 @@ def _attn_fwd_kernel(
     stride_mb, stride_mn, stride_sb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PACK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-    HAS_SEQLENS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr, PRECISION: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """One program: BLOCK_M rows of one batch element, over the key range of one split.
 
     A row is (query t, head g of a pack of PACK q heads sharing one kv head): PACK = 1 for
     prefill (one head per program), PACK = the GQA group for decode, where a few queries
-    per head would leave the tile empty. Each split covers keys [split * split_len,
-    (split + 1) * split_len); Out/Lse get a split stride (0 when there is one split).
+    per head would leave the tile empty. The tile's key span (its window and causal limits
+    within its sequence's length) is cut into num_splits parts of whole key blocks
+    (`split_span`), one per split; Out/Lse get a split stride (0 when there is one split).
     HAS_SEQLENS: batch element b sees its first min(clamp(SeqlensK[b], 0, seqlen_k) +
-    seqlen_new, seqlen_k) keys (the KV cache's rows, cached then appended).
+    seqlen_new, seqlen_k) keys (the KV cache's rows, cached then appended), so the splits
+    follow the filled length, not the cache's capacity.
+    Query tiles launch heaviest first (`heaviest_first`; REVERSE: the last first, under causal).
     """
-    pid_m = tl.program_id(0)
+    pid_m = heaviest_first(tl.program_id(0), tl.num_programs(0), REVERSE)
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)
     slots = heads_q // PACK
@@ -131,10 +149,8 @@ def _attn_fwd_kernel(
     first = pid_m * BLOCK_M // PACK + shift
     last = (tl.minimum((pid_m + 1) * BLOCK_M, seqlen_q * PACK) - 1) // PACK + shift
     lo, full_lo, full_hi, hi = block_span(first, last, window_left, window_right, seqlen_k, BLOCK_N)
-    split_lo = split * split_len
-    split_hi = split_lo + split_len
-    lo = tl.maximum(lo, split_lo)
-    hi = tl.minimum(hi, split_hi)
+    if num_splits != 1:  # 1 (prefill) is a specialised constant: no split arithmetic at all
+        lo, hi = split_span(lo, hi, split, num_splits, BLOCK_N)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
 
@@ -179,7 +195,8 @@ def _attn_fwd_kernel(
 ATTENTION_FWD = autotune.Kernel(
     "attention_fwd", space=tuning.FWD_SPACE, key=tuning.attention_bucket, default=tuning.fwd_default,
     interpreter=tuning.INTERPRETER, prune=tuning.fwd_fits,
-    sources=(_attn_fwd_kernel, _fwd_blocks, block_span, visible, logits, softmax_step, dot, rounded, tanh),
+    sources=(_attn_fwd_kernel, _fwd_blocks, block_span, heaviest_first, split_span, visible, logits, softmax_step, dot,
+             rounded, tanh),
 )
 
 
@@ -269,10 +286,11 @@ def check_key_padding_mask(mask, batch: int, seqlen_k: int, ref: torch.Tensor) -
 
 def launch_forward(
     q, k, v, out, lse, config, *, key_padding_mask, seqlens_k, window_left, window_right, softcap, scale,
-    max_seqlen_k, pack=1, num_splits=1, split_len=None, seqlen_new=0,
+    max_seqlen_k, pack=1, num_splits=1, seqlen_new=0,
 ):
     """Run `_attn_fwd_kernel` with `config`. out/lse are (batch, seqlen_q, heads_q, head_dim)
-    and (batch, heads_q, seqlen_q), or carry a leading split dim when num_splits > 1.
+    and (batch, heads_q, seqlen_q), or carry a leading split dim when num_splits > 1: each
+    tile's key span is then cut into num_splits parts (on the device, from the lengths).
     seqlens_k: None (all rows see k.shape[1] keys) or an int32/int64 (batch,) tensor, any
     stride, of per-batch lengths; batch element b then sees min(clamp(seqlens_k[b], 0,
     k.shape[1]) + seqlen_new, k.shape[1]) keys."""
@@ -290,12 +308,13 @@ def launch_forward(
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, mask, seqlens_k if seqlens_k is not None else q,
         qk_scale, cap_log2, seqlen_q, k.shape[1], seqlen_new, window_reach(window_left, unbounded),
-        window_reach(window_right, unbounded), split_len or unbounded, heads_q, heads_q // k.shape[2],
+        window_reach(window_right, unbounded), num_splits, heads_q, heads_q // k.shape[2],
         *q.stride(), *k.stride(), *v.stride(), *o_strides, *l_strides, *mask_strides,
         seqlens_k.stride(0) if seqlens_k is not None else 0,
         HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), PACK=pack,
         SOFTCAP=softcap > 0, HAS_KEY_MASK=key_padding_mask is not None,
-        HAS_SEQLENS=seqlens_k is not None, PRECISION=dot_precision(q.dtype), **config.launch_kwargs(),
+        HAS_SEQLENS=seqlens_k is not None, PRECISION=dot_precision(q.dtype),
+        REVERSE=heavier_later(window_left, window_right), **config.launch_kwargs(),
     )
 
 

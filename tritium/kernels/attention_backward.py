@@ -15,6 +15,8 @@ from tritium.kernels.online_softmax import (
     block_span,
     bwd_delta_kernel,
     head_block,
+    heavier_later,
+    heaviest_first,
     logits,
     lse_log2,
     score_scales,
@@ -64,11 +66,12 @@ def _attn_bwd_dq_kernel(
     stride_db, stride_dm, stride_dh, stride_dd,
     stride_mb, stride_mn,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """dQ for BLOCK_M query rows of one head: the forward's loop with the gradient inside.
-    DQ is contiguous (batch, seqlen_q, heads_q, head_dim)."""
-    pid_m = tl.program_id(0)
+    DQ is contiguous (batch, seqlen_q, heads_q, head_dim). Query tiles launch heaviest
+    first, as in the forward (the last first under causal)."""
+    pid_m = heaviest_first(tl.program_id(0), tl.num_programs(0), REVERSE)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads_q).to(tl.int64)
     h = pid_bh % heads_q
@@ -150,11 +153,14 @@ def _attn_bwd_dkdv_kernel(
     stride_db, stride_dm, stride_dh, stride_dd,
     stride_mb, stride_mn,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """dK, dV for BLOCK_N keys of one kv head, summed over the q heads of its GQA group
-    inside the program: deterministic, no atomics. DK/DV are contiguous like K."""
-    pid_n = tl.program_id(0)
+    inside the program: deterministic, no atomics. DK/DV are contiguous like K. Key tiles
+    launch heaviest first (REVERSE: `heavier_later` with the reaches swapped, as the queries
+    that see key j are [j - right, j + left]; under causal the first key tiles are the
+    heaviest and stay in order)."""
+    pid_n = heaviest_first(tl.program_id(0), tl.num_programs(0), REVERSE)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads_kv).to(tl.int64)
     kv_head = pid_bh % heads_kv
@@ -207,13 +213,14 @@ DELTA_BLOCK_M = 32
 ATTENTION_BWD_DQ = autotune.Kernel(
     "attention_bwd_dq", space=tuning.BWD_SPACE, key=tuning.attention_bucket, default=tuning.dq_default,
     interpreter=tuning.INTERPRETER, prune=tuning.bwd_fits,
-    sources=(_attn_bwd_dq_kernel, _bwd_dq_blocks, block_span, visible, logits, lse_log2, load_rows, dot, rounded, tanh),
+    sources=(_attn_bwd_dq_kernel, _bwd_dq_blocks, block_span, heaviest_first, visible, logits, lse_log2, load_rows, dot,
+             rounded, tanh),
 )
 ATTENTION_BWD_DKDV = autotune.Kernel(
     "attention_bwd_dkdv", space=tuning.BWD_SPACE, key=tuning.attention_bucket, default=tuning.dkdv_default,
     interpreter=tuning.INTERPRETER, prune=tuning.bwd_fits,
-    sources=(_attn_bwd_dkdv_kernel, _bwd_dkdv_blocks, block_span, visible, logits, lse_log2, load_rows, dot, rounded,
-             tanh),
+    sources=(_attn_bwd_dkdv_kernel, _bwd_dkdv_blocks, block_span, heaviest_first, visible, logits, lse_log2, load_rows,
+             dot, rounded, tanh),
 )
 
 
@@ -246,12 +253,12 @@ def launch_backward(dout, q, k, v, out, lse, key_padding_mask, window_left, wind
     def launch_dq(config):
         _attn_bwd_dq_kernel[(cdiv(seqlen_q, config.meta["BLOCK_M"]), batch * heads_q)](
             q, k, v, dout, lse, delta, dq, mask, *scalars, heads_q, group, *strides,
-            **constants, **config.launch_kwargs())
+            REVERSE=heavier_later(window_left, window_right), **constants, **config.launch_kwargs())
 
-    def launch_dkdv(config):
+    def launch_dkdv(config):  # the queries that see key j are [j - right, j + left]: the reaches swap
         _attn_bwd_dkdv_kernel[(cdiv(seqlen_k, config.meta["BLOCK_N"]), batch * heads_kv)](
             q, k, v, dout, lse, delta, dk, dv, mask, *scalars, heads_kv, group, *strides,
-            **constants, **config.launch_kwargs())
+            REVERSE=heavier_later(window_right, window_left), **constants, **config.launch_kwargs())
 
     problem = dict(head_dim=head_dim, dtype=q.dtype, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
                    window_left=window_left, window_right=window_right, softcap=softcap, group=group)

@@ -3,13 +3,16 @@ to it with split-KV, so that one sequence at 32k context still fills the GPU.
 
 The attention itself is `attention._attn_fwd_kernel` with the q heads of a GQA group packed
 into the rows of one tile (each cached key is read once per group) and the key range cut
-into splits whose partial results `_combine_kernel` merges by their log-sum-exp.
-Free of host syncs under CUDA-graph capture and torch.compile.
+into splits whose partial results `_combine_kernel` merges by their log-sum-exp. The host
+picks the number of splits from shapes; each program cuts the keys its own sequence sees
+(its filled length, window and causal limits, read on the device) into that many parts,
+so a short sequence in a long cache, or a window's worth of keys, still spreads over every
+split. Free of host syncs under CUDA-graph capture and torch.compile; an eager call with a
+tensor cache_seqlens reads it once, for its range check.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -17,10 +20,10 @@ import triton
 import triton.language as tl
 
 from tritium.kernels.attention import check_attention_args, check_key_padding_mask, launch_forward, run_forward
-from tritium.kernels.online_softmax import head_block
+from tritium.kernels.online_softmax import head_block, merge_result, merge_step
 from tritium.kernels.tiles import rounded
 from tritium.kernels.validation import check_dim, check_like, check_tensor, is_empty
-from tritium.runtime import cdiv, custom_op, interpreted, needs_grad, next_power_of_2, values_readable
+from tritium.runtime import cdiv, custom_op, interpreted, needs_grad, sm_count, values_readable
 
 MAX_SPLITS = 64
 
@@ -59,49 +62,49 @@ def _combine_kernel(
     stride_ps, stride_pb, stride_pm, stride_ph,
     stride_ls, stride_lb, stride_lh,
     stride_ob, stride_om, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Merge the splits of one (batch, query, head) row: weights exp(lse_s - lse)."""
+    """Merge the splits of one (batch, query, head) row, in split order (`merge_step`)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     t = pid // heads_q
     h = pid % heads_q
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    s_ok = s < num_splits
-    lse_s = tl.load(LsePart + s * stride_ls + b * stride_lb + h * stride_lh + t, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse_s - m_safe)
-    total = tl.sum(w, 0)
-    part = tl.load(
-        OutPart + s[:, None] * stride_ps + b * stride_pb + t * stride_pm + h * stride_ph + d[None, :],
-        mask=s_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0,
-    )
-    out = tl.sum(w[:, None] * part, 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(Out + b * stride_ob + t * stride_om + h * stride_oh + d, rounded(out, Out.dtype.element_ty), mask=d < HEAD_DIM)
-    lse = tl.where(total == 0.0, float("-inf"), m_safe + tl.log(tl.where(total == 0.0, 1.0, total)))
-    tl.store(Lse + (b * heads_q + h) * seqlen_q + t, lse)
+    d = tl.arange(0, BLOCK_D)[None, :]  # the row as a (1, BLOCK_D) tile
+    row = tl.zeros([1], dtype=tl.int64) + t
+    acc = tl.zeros([1, BLOCK_D], dtype=tl.float32)
+    m = tl.full([1], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([1], dtype=tl.float32)
+    for s in range(num_splits):
+        lse_s = tl.load(LsePart + s * stride_ls + b * stride_lb + h * stride_lh + row)
+        part = tl.load(OutPart + s * stride_ps + b * stride_pb + t * stride_pm + h * stride_ph + d,
+                       mask=d < HEAD_DIM, other=0.0)
+        acc, m, total = merge_step(acc, m, total, part, lse_s * 1.4426950408889634)  # to log2 units
+    out, lse = merge_result(acc, m, total)
+    tl.store(Out + b * stride_ob + t * stride_om + h * stride_oh + d, rounded(out, Out.dtype.element_ty),
+             mask=d < HEAD_DIM)
+    tl.store(Lse + (b * heads_q + h) * seqlen_q + row, lse)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _split_len(q: torch.Tensor, heads_kv: int, max_seqlen: int, pack: int, block_n: int, requested: int) -> int:
-    """Keys per split, a multiple of block_n: `requested` splits, or (0) enough that batch x
-    kv heads x splits programs cover the SMs twice, and one split when the batch already
-    does. Depends only on shapes, so it is safe in CUDA-graph capture."""
-    n_blocks = max(cdiv(max_seqlen, block_n), 1)
+def _split_count(q: torch.Tensor, heads_kv: int, max_seqlen: int, pack: int, block_n: int, requested: int,
+                 window_left: int, window_right: int) -> int:
+    """How many parts each tile's key span is cut into: `requested`, or (0) enough that
+    batch x kv heads x splits programs cover the SMs twice, and one split when the batch
+    already does; never more than the key blocks a tile can see (the cache's, or a bounded
+    window's). The kernel cuts each sequence's own span (`attention.split_span`), from its
+    length on the device: the count depends on shapes only, so no value of cache_seqlens
+    is read (no sync, safe in CUDA-graph capture)."""
+    span = max_seqlen
+    if window_left >= 0 and window_right >= 0:  # keys [first - left, last + right]: block-aligned, one more block
+        span = min(span, q.shape[1] + window_left + window_right + block_n)
+    n_blocks = max(cdiv(span, block_n), 1)
     splits = requested
     if not splits and interpreted():  # exercise the split path on small CPU shapes too
-        splits = min(4, n_blocks)
+        splits = 4
     elif not splits:
         programs = q.shape[0] * heads_kv * cdiv(q.shape[1] * pack, 16)
-        sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
-        splits = 1 if programs >= sms else min(cdiv(2 * sms, programs), n_blocks, MAX_SPLITS)
-    return cdiv(n_blocks, max(splits, 1)) * block_n
+        sms = sm_count(q.device)  # the pretended GPU's inside compile_only.compile_for
+        splits = 1 if programs >= sms else min(cdiv(2 * sms, programs), MAX_SPLITS)
+    return max(min(splits, n_blocks), 1)
 
 
 def _append(k_cache, v_cache, k, v, cache_seqlens):
@@ -139,8 +142,8 @@ def _kvcache_op(
     window = dict(window_left=window_left, window_right=window_right, softcap=softcap)
 
     def launch(config):
-        split_len = _split_len(q, heads_kv, max_seqlen, pack, config.meta["BLOCK_N"], num_splits)
-        splits = max(cdiv(max_seqlen, split_len), 1)
+        splits = _split_count(q, heads_kv, max_seqlen, pack, config.meta["BLOCK_N"], num_splits, window_left,
+                              window_right)
         options = dict(key_padding_mask=key_padding_mask, seqlens_k=cache_seqlens, seqlen_new=seqlen_new,
                        scale=softmax_scale, max_seqlen_k=max_seqlen, pack=pack, **window)
         if splits == 1:
@@ -148,12 +151,11 @@ def _kvcache_op(
             return
         out_part = torch.empty((splits, *out.shape), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((splits, *lse.shape), dtype=torch.float32, device=q.device)
-        launch_forward(q, k_cache, v_cache, out_part, lse_part, config, num_splits=splits, split_len=split_len,
-                       **options)
+        launch_forward(q, k_cache, v_cache, out_part, lse_part, config, num_splits=splits, **options)
         _combine_kernel[(seqlen_q * heads_q, batch)](
             out_part, lse_part, out, lse, splits, seqlen_q, heads_q,
             *out_part.stride()[:4], *lse_part.stride()[:3], *out.stride()[:3],
-            HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_S=next_power_of_2(splits),
+            HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
         )
 
     run_forward(q, k_cache, out, lse, launch, pack=pack, **window)
@@ -199,8 +201,9 @@ def _check_cache_args(q, k_cache, cache_seqlens, k, v) -> torch.Tensor:
         raise ValueError(f"cache_seqlens: device {cache_seqlens.device} differs from q's {q.device}")
     if values_readable(cache_seqlens) and not is_empty(batch):
         # A data-dependent check needs the values on the host: done whenever a sync is
-        # allowed (and there are values). Under capture the kernels clamp instead.
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        # allowed (and there are values), with one read of both ends. Under capture the
+        # kernels clamp instead.
+        lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()
         if lo < 0 or hi + seqlen_new > max_seqlen:
             raise ValueError(
                 f"cache_seqlens: values in [{lo}, {hi}] with {seqlen_new} new tokens do not fit "
@@ -237,7 +240,8 @@ def flash_attention_with_kvcache(
     (a left-padded batch: its pad rows stay hidden while the rows past each sequence's
     length are hidden anyway). causal/window/softcap/softmax_scale as in
     `flash_attention`, with query i at position i + seqlen_k[b] - seqlen_q.
-    num_splits: key-range splits (None = enough to fill the GPU).
+    num_splits: how many parts each sequence's visible key range (after its length and
+    window) is cut into, in whole key blocks (None = enough to fill the GPU).
     A tensor cache_seqlens is range-checked on the host (one sync per call: ValueError unless
     0 <= cache_seqlens[b] <= max_seqlen - seqlen_new) except under CUDA-graph capture or
     torch.compile, where the kernels clamp instead and never read or write outside the

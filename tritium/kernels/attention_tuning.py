@@ -11,7 +11,7 @@ from tritium.runtime import pow2
 
 INTERPRETER = Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 FWD_SPACE = {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (16, 32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
-BWD_SPACE = {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)}
+BWD_SPACE = {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (16, 32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)}
 SHARED_MEMORY = 227 * 1024  # Hopper's per-block maximum; the tuner skips what fails anyway
 ACC_REGISTERS = 128  # float32 accumulator values per thread before the kernel spills
 
@@ -62,35 +62,50 @@ def bwd_fits(config: Config, bucket: dict) -> bool:
 
 
 def fwd_default(*, head_dim: int, dtype: str, pack: int, **_) -> Config:
-    """Heuristic forward tiles per head_dim (float32 tiles are twice as wide in bytes)."""
+    """Heuristic forward tiles per head_dim (float32 tiles are twice as wide in bytes).
+    bfloat16/float16 on sm_90: 8 warps (two warpgroups), 64 keys per step; 128 query rows
+    and 3 stages up to head_dim 128; at 256, 64 rows and 2 stages (128 rows spill 16 bytes
+    with softcap on Triton 3.6). `python -m benchmarks.compile_check` shows each without
+    spills, with wgmma and cp.async, on Triton 3.6 and 3.9. Measured on a GPU, `tritium
+    tune` has the last word."""
     if pack > 1:  # decode: few rows per kv head, the key loop is all that matters
         return Config({"BLOCK_M": 16 if pack <= 16 else 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)
-    wide = dtype == "float32"
-    # Warps and stages below keep ptxas (Triton 3.6, sm_90) free of register spills where a
-    # config that does exists; measured on a GPU, `tritium tune` has the last word.
-    if head_dim <= 64:
-        return Config({"BLOCK_M": 128, "BLOCK_N": 32 if wide else 64}, num_warps=8, num_stages=3)
+    if dtype == "float32":
+        if head_dim <= 64:
+            return Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3)
+        if head_dim <= 128:
+            return Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=3)
+        return Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=8, num_stages=2)
     if head_dim <= 128:
-        return Config({"BLOCK_M": 64 if wide else 128, "BLOCK_N": 32 if wide else 64}, num_warps=8, num_stages=3)
-    return Config({"BLOCK_M": 64, "BLOCK_N": 16 if wide else 32}, num_warps=8, num_stages=2)
+        return Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+    return Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2)
 
 
 def dq_default(*, head_dim: int, dtype: str, **_) -> Config:
-    """Heuristic dQ tiles (BLOCK_M queries per program, BLOCK_N keys per step): the shapes
-    `python -m benchmarks.compile_check` finds free of register spills on Triton 3.6, sm_90."""
+    """Heuristic dQ tiles (BLOCK_M queries per program, BLOCK_N keys per step). 16-bit: at
+    least 64 query rows, so every product is a wgmma on sm_90, pipelined over 2 stages; the
+    key step shrinks as head_dim grows to keep the dQ accumulator and the K and V tiles in
+    registers (no spills on Triton 3.6 and 3.9, `python -m benchmarks.compile_check`)."""
+    if dtype == "float32":
+        return Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+    if head_dim <= 64:
+        return Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
+    if head_dim <= 128:
+        return Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2)
+    return Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=8, num_stages=2)
+
+
+def dkdv_default(*, head_dim: int, dtype: str, **_) -> Config:
+    """Heuristic dK/dV tiles (BLOCK_N keys per program, BLOCK_M queries per step). 16-bit up
+    to head_dim 128: at least 64 key rows (wgmma on sm_90), 2 stages, a short query step so
+    the dK and dV accumulators stay in registers. At 256 every 64-key tile spills on sm_90
+    (the accumulators and the K and V operands of one warpgroup exceed its registers, in
+    one pass or split into dV and dK passes; compile_check on Triton 3.6 and 3.9): 32 x 32
+    mma.sync tiles, unpipelined, are the spill-free choice until the kernel is restructured."""
     if dtype == "float32":
         return Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
     if head_dim <= 64:
         return Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2)
     if head_dim <= 128:
-        return Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=1)
-    return Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
-
-
-def dkdv_default(*, head_dim: int, dtype: str, **_) -> Config:
-    """Heuristic dK/dV tiles (BLOCK_N keys per program, BLOCK_M queries per step): the dK
-    and dV accumulators stay in registers, so the key tile is small; spill-free on Triton
-    3.6, sm_90, up to head_dim 128."""
-    if dtype == "float32":
-        return Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+        return Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2)
     return Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1)

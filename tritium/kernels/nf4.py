@@ -8,7 +8,8 @@ float32 absmax become uint8 codes of the signed 8-bit dynamic map, blockwise (25
 their mean: scale = code2[absmax[i]] * absmax2[i // 256] + offset.
 
 `quantize` is plain PyTorch and reproduces bitsandbytes' own arithmetic bit for bit;
-`dequantize` and `matmul` are Triton kernels that decode the (nested) scales inside.
+`dequantize` and `matmul` are Triton kernels that decode the (nested) scales inside and
+look codes up in a register-resident table (a warp shuffle per code, no load).
 `matmul` runs a split-K GEMV for few rows (decode) and a tiled tl.dot GEMM for many
 (prefill), by the token-count table of `nf4_tuning`; its backward (w.r.t. x and bias,
 the 4-bit weight stays frozen as in QLoRA) dequantizes and hands the product to cuBLAS.
@@ -28,7 +29,7 @@ import triton.language as tl
 from tritium import autotune
 from tritium.kernels import nf4_tuning as tuning
 from tritium.kernels.split_k import IDENTITY, SOURCES, finish, k_span, launch_split_sum, partials, split_len
-from tritium.kernels.tiles import dot, dot_precision, grouped_tile, rounded
+from tritium.kernels.tiles import INTERPRETED, dot, dot_precision, grouped_tile, rounded
 from tritium.kernels.validation import FLOAT_DTYPES, as_rows, check_device, check_tensor, is_empty
 from tritium.runtime import cdiv, custom_op, run_function
 
@@ -256,52 +257,121 @@ def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = Fal
 # ----------------------------------------------------------------------------- kernels
 
 
+# Compiled, the 16 values of Code live in registers, not behind a load per code: lane l of
+# every warp holds Code[l % 16], and a code is looked up with one warp shuffle from the lane
+# it names. shfl.sync.idx takes the low 5 bits of its lane operand, so a byte's low nibble
+# needs no mask (bit 4 only picks one of the table's two copies) and its high nibble one
+# shift. The interpreter has no inline PTX and reads Code directly: the same float32 values.
+_LOOKUP = tl.constexpr(
+    "{ .reg .b32 hi; shr.u32 hi, $2, 4; shfl.sync.idx.b32 $0, $3, hi, 0x1f, -1; "
+    "shfl.sync.idx.b32 $1, $3, $2, 0x1f, -1; }"
+)
+
+
 @triton.jit
-def _scales(Absmax, Absmax2, Code2, Offset, block, NESTED: tl.constexpr):
+def _code_table(Code):
+    """This thread's share of the NF4 table for `_decode`: Code[lane % 16], one float32
+    register, read once per program (unused interpreted)."""
+    if INTERPRETED:
+        return 0.0
+    else:
+        lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+        return tl.load(Code + (lane & 15))
+
+
+@triton.jit
+def _decode(codes, Code, table):
+    """float32 (Code[codes >> 4], Code[codes & 15]) of int32 bytes `codes` (0..255, any
+    shape): the values of a byte's high (earlier) and low nibble. Compiled, two warp
+    shuffles of `table` (`_code_table`) and a shift per byte, no memory access; every lane
+    of the warp runs it (Triton code is warp-uniform). Not declared pure, so that LLVM
+    never moves a shuffle into a branch that some lanes skip."""
+    if INTERPRETED:
+        return tl.load(Code + (codes >> 4)), tl.load(Code + (codes & 15))
+    else:
+        return tl.inline_asm_elementwise(_LOOKUP, "=f,=f,r,f", [codes, table], dtype=(tl.float32, tl.float32),
+                                         is_pure=False, pack=1)
+
+
+@triton.jit
+def _nested_offset(Offset, NESTED: tl.constexpr):
+    """The double quantization's offset (read once per program), or 0.0 without it."""
+    if NESTED:
+        return tl.load(Offset)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _mul_rn(a, b):
+    """float32 a * b, rounded on its own even where the launch lets products fuse with sums
+    into FMAs (the GEMV's does): PTX never contracts a mul with an explicit rounding mode."""
+    if INTERPRETED:
+        return a * b
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _scales(Absmax, Absmax2, Code2, offset, block, NESTED: tl.constexpr):
     """float32 scales of the 4-bit blocks `block` (int tensor, any shape, in range):
-    absmax[block], or code2[absmax[block]] * absmax2[block // 256] + offset rounded after
-    the product as bitsandbytes does (launch with enable_fp_fusion=False to match it bit
-    for bit)."""
+    absmax[block], or code2[absmax[block]] * absmax2[block // 256] + offset, rounded after
+    the product as bitsandbytes does (no FMA, whatever the launch's fp fusion); offset
+    from `_nested_offset`."""
     if NESTED:
         q = tl.load(Absmax + block).to(tl.int32)
-        return tl.load(Code2 + q) * tl.load(Absmax2 + block // _NESTED_BLOCKSIZE) + tl.load(Offset)
+        return _mul_rn(tl.load(Code2 + q), tl.load(Absmax2 + block // _NESTED_BLOCKSIZE)) + offset
     else:
         return tl.load(Absmax + block)
 
 
 @triton.jit
-def _weight_halves(P, Code, Absmax, Absmax2, Code2, Offset, rows, k0, K, offs_j,
+def _weight_halves(P, Code, table, Absmax, Absmax2, Code2, offset, rows, k0, K, offs_j,
                    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr):
     """float32 (hi, lo) tiles of W[rows, k0 + 2j] and W[rows, k0 + 2j + 1], j in offs_j:
-    the two codes of one byte. rows: in range; K even, so rows start on a byte.
+    the two codes of one byte. rows (int64) and offs_j: index tensors that broadcast
+    against each other (e.g. rows[:, None] and offs_j[None, :]), giving the tiles' shape;
+    rows in range; K even, so rows start on a byte.
 
-    ALIGNED (K % BLOCKSIZE == 0 and the K tile inside one block): one scale per row. Else
-    each byte gets its own (both of its codes share a block: block sizes are even) and
-    bytes past K read code 0 (the caller's x is 0 there)."""
-    rows = rows.to(tl.int64)
-    ptrs = P + rows[:, None] * (K // 2) + (k0 // 2 + offs_j)[None, :]
+    ALIGNED (K % BLOCKSIZE == 0 and the K tile inside one block): one scale per row, and
+    every row's bytes start 16-byte aligned (K / 2 is a multiple of 16), so the tile loads
+    as 16-byte vectors along K. Else each byte gets its own scale (both of its codes share
+    a block: block sizes are even) and bytes past K read code 0 (the caller's x is 0
+    there)."""
+    # The scales load before the codes: Triton gives the tile the layout of the last large
+    # load in program order (RemoveLayoutConversions), and that must be the codes' own
+    # (16 bytes along K per thread), not one that moves the decoded tile between threads.
     if ALIGNED:
-        codes = tl.load(ptrs).to(tl.int32)
-        scale = _scales(Absmax, Absmax2, Code2, Offset, rows * (K // BLOCKSIZE) + k0 // BLOCKSIZE, NESTED)[:, None]
+        scale = _scales(Absmax, Absmax2, Code2, offset, rows * (K // BLOCKSIZE) + k0 // BLOCKSIZE, NESTED)
+        # K // 2 written so the compiler sees a multiple of BLOCKSIZE // 2 (>= 16 bytes).
+        codes = tl.load(P + rows * ((K // BLOCKSIZE) * (BLOCKSIZE // 2)) + k0 // 2 + offs_j).to(tl.int32)
     else:
         cols = k0 + 2 * offs_j
-        codes = tl.load(ptrs, mask=(cols < K)[None, :], other=0).to(tl.int32)
-        flat = rows[:, None] * K + tl.minimum(cols, K - 2)[None, :]
-        scale = _scales(Absmax, Absmax2, Code2, Offset, flat // BLOCKSIZE, NESTED)
-    return tl.load(Code + (codes >> 4)) * scale, tl.load(Code + (codes & 15)) * scale
+        scale = _scales(Absmax, Absmax2, Code2, offset, (rows * K + tl.minimum(cols, K - 2)) // BLOCKSIZE, NESTED)
+        codes = tl.load(P + rows * (K // 2) + (k0 // 2 + offs_j), mask=cols < K, other=0).to(tl.int32)
+    hi, lo = _decode(codes, Code, table)
+    return hi * scale, lo * scale
 
 
 @triton.jit
-def _dequantize_kernel(P, Code, Absmax, Absmax2, Code2, Offset, Out, numel,
+def _dequantize_kernel(P, Code, Absmax, Absmax2, Code2, Offset, Out, numel, nbytes,
                        BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr):
-    """Out[i] = code[nibble i] * scale(i // BLOCKSIZE) for BLOCK consecutive elements:
-    each byte read once, its two values interleaved back into element order."""
+    """Out[i] = code[nibble i] * scale(i // BLOCKSIZE) for BLOCK consecutive elements
+    (nbytes = ceil(numel / 2) packed bytes): each byte read once, its two values
+    interleaved back into element order. The tile is (ROWS, SPAN) elements, each row
+    inside one quantization block, so a scale is read once per row."""
+    SPAN: tl.constexpr = BLOCK if BLOCK < BLOCKSIZE else BLOCKSIZE
+    ROWS: tl.constexpr = BLOCK // SPAN
     pid = tl.program_id(0).to(tl.int64)
-    first = pid * BLOCK + 2 * tl.arange(0, BLOCK // 2)  # the element in each byte's high nibble
-    codes = tl.load(P + first // 2, mask=first < numel, other=0).to(tl.int32)
-    scale = _scales(Absmax, Absmax2, Code2, Offset, tl.minimum(first, numel - 1) // BLOCKSIZE, NESTED)
-    values = tl.interleave(tl.load(Code + (codes >> 4)) * scale, tl.load(Code + (codes & 15)) * scale)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    row_first = pid * BLOCK + tl.arange(0, ROWS) * SPAN  # each row's first element
+    block = tl.minimum(row_first // BLOCKSIZE, (numel - 1) // BLOCKSIZE)  # rows past the end: any block in range
+    scale = _scales(Absmax, Absmax2, Code2, _nested_offset(Offset, NESTED), block, NESTED)[:, None]
+    byte = row_first[:, None] // 2 + tl.arange(0, SPAN // 2)[None, :]
+    codes = tl.load(P + byte, mask=byte < nbytes, other=0).to(tl.int32)
+    hi, lo = _decode(codes, Code, _code_table(Code))
+    offs = row_first[:, None] + tl.arange(0, SPAN)[None, :]
+    values = tl.interleave(hi * scale, lo * scale)
     tl.store(Out + offs, rounded(values, Out.dtype.element_ty), mask=offs < numel)
 
 
@@ -315,26 +385,38 @@ def _gemv_kernel(
     """Out[rows, cols] = X[rows] @ W[cols]^T over K range [split * split_len, +split_len):
     each program dequantizes a (BLOCK_N, BLOCK_K) weight slab once per K step and
     multiplies it into BLOCK_M rows with float32 FMAs, even and odd columns apart so the
-    packed bytes need no interleaving. For decode: no tl.dot padding rows up to 16."""
+    packed bytes need no interleaving. The products accumulate elementwise in a
+    (BLOCK_M, BLOCK_N, BLOCK_K / 2) tile, summed over K once at the end: the loop has no
+    cross-lane traffic but the table lookups. For decode: no tl.dot padding rows up to 16."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j = tl.arange(0, BLOCK_K // 2)
-    x_base = X + rows[:, None].to(tl.int64) * stride_xm
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_base = X + rows[:, None, None].to(tl.int64) * stride_xm
+    x_ok = (rows < M)[:, None, None]
+    w_rows = (cols % N).to(tl.int64)[None, :, None]
+    table = _code_table(Code)
+    offset = _nested_offset(Offset, NESTED)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
     start, stop = k_span(split, split_len, K)
+    start = tl.multiple_of(start, BLOCK_K)  # split_len is whole K steps: rows' bytes load 16-byte aligned
     for k0 in range(start, stop, BLOCK_K):
-        hi, lo = _weight_halves(P, Code, Absmax, Absmax2, Code2, Offset, cols % N, k0, K, offs_j,
+        # x read contiguously (vector loads), then split into its even and odd columns; read
+        # before the weight tile so that the tile's layout rules (see _weight_halves).
+        k = k0 + offs_k
+        if ALIGNED:  # whole K steps
+            x = tl.load(x_base + k[None, None, :] * stride_xk, mask=x_ok, other=0.0)
+        else:
+            x = tl.load(x_base + k[None, None, :] * stride_xk, mask=x_ok & (k < K)[None, None, :], other=0.0)
+        x_even, x_odd = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_M, 1, BLOCK_K // 2, 2)))
+        hi, lo = _weight_halves(P, Code, table, Absmax, Absmax2, Code2, offset, w_rows, k0, K, offs_j[None, None, :],
                                 BLOCKSIZE, NESTED, ALIGNED)
-        k = k0 + 2 * offs_j
-        x_ptrs = x_base + k[None, :] * stride_xk
-        x_ok = (rows < M)[:, None] & (k < K)[None, :]
-        x_even = tl.load(x_ptrs, mask=x_ok, other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptrs + stride_xk, mask=x_ok, other=0.0).to(tl.float32)
-        acc += tl.sum(x_even[:, None, :] * hi[None, :, :] + x_odd[:, None, :] * lo[None, :, :], axis=2)
+        acc += x_even * hi
+        acc += x_odd * lo
     # No activation, so no pre-activation either: Out stands in for the unused Pre.
-    finish(acc, rows, cols, M, N, Bias, Out, Out, Partial, split, 1, stride_om, stride_on, 0, 0,
-            IDENTITY, HAS_BIAS, False, SPLIT_K)
+    finish(tl.sum(acc, axis=2), rows, cols, M, N, Bias, Out, Out, Partial, split, 1, stride_om, stride_on, 0, 0,
+           IDENTITY, HAS_BIAS, False, SPLIT_K)
 
 
 @triton.jit
@@ -356,26 +438,31 @@ def _gemm_kernel(
     offs_j = tl.arange(0, BLOCK_K // 2)
     # Rows past the edge wrap around: their loads need no mask, the store drops them.
     x_base = X + (rows % M)[:, None].to(tl.int64) * stride_xm
+    w_rows = (cols % N).to(tl.int64)[:, None]
+    table = _code_table(Code)
+    offset = _nested_offset(Offset, NESTED)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     start, stop = k_span(split, split_len, K)
+    start = tl.multiple_of(start, BLOCK_K)  # split_len is whole K steps: rows' bytes load 16-byte aligned
     for k0 in range(start, stop, BLOCK_K):
         x_ptrs = x_base + (k0 + offs_k)[None, :] * stride_xk
         if ALIGNED:
             x = tl.load(x_ptrs)
         else:
             x = tl.load(x_ptrs, mask=(k0 + offs_k < K)[None, :], other=0.0)
-        hi, lo = _weight_halves(P, Code, Absmax, Absmax2, Code2, Offset, cols % N, k0, K, offs_j,
+        hi, lo = _weight_halves(P, Code, table, Absmax, Absmax2, Code2, offset, w_rows, k0, K, offs_j[None, :],
                                 BLOCKSIZE, NESTED, ALIGNED)
         w = rounded(tl.interleave(hi, lo), X.dtype.element_ty)
         acc = dot(x, tl.trans(w), acc, PRECISION)
     finish(acc, rows, cols, M, N, Bias, Out, Out, Partial, split, 1, stride_om, stride_on, 0, 0,
-            IDENTITY, HAS_BIAS, False, SPLIT_K)
+           IDENTITY, HAS_BIAS, False, SPLIT_K)
 
 
-_DECODE = (_scales, _weight_halves, *SOURCES)
+_DECODE = (_code_table, _decode, _nested_offset, _mul_rn, _scales, _weight_halves, *SOURCES)
 DEQUANTIZE = autotune.Kernel(
     "nf4_dequantize", space=tuning.DEQUANTIZE_SPACE, key=tuning.dequantize_bucket, default=tuning.dequantize_default,
-    interpreter=tuning.DEQUANTIZE_INTERPRETER, sources=(_dequantize_kernel, _scales, rounded),
+    interpreter=tuning.DEQUANTIZE_INTERPRETER,
+    sources=(_dequantize_kernel, _code_table, _decode, _nested_offset, _mul_rn, _scales, rounded),
 )
 GEMV = autotune.Kernel(
     "nf4_gemv", space=tuning.GEMV_SPACE, key=tuning.matmul_bucket, default=tuning.gemv_default,
@@ -410,8 +497,8 @@ def launch_dequantize(state: tuple, out: torch.Tensor, blocksize: int) -> None:
 
     def launch(config):
         grid = (cdiv(numel, config.meta["BLOCK"]),)
-        _dequantize_kernel[grid](*_pointers(*state), out, numel, BLOCKSIZE=blocksize, NESTED=state[3] is not None,
-                                 enable_fp_fusion=False, **config.launch_kwargs())
+        _dequantize_kernel[grid](*_pointers(*state), out, numel, (numel + 1) // 2, BLOCKSIZE=blocksize,
+                                 NESTED=state[3] is not None, enable_fp_fusion=False, **config.launch_kwargs())
 
     launch(DEQUANTIZE.lookup(launch, numel=numel, dtype=out.dtype))
 

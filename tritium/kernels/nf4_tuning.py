@@ -19,6 +19,7 @@ GEMV_BUCKETS = (1, 2, 4, 8, 16)
 SMS = 132  # H100 SXM; programs per wave the defaults aim to fill
 SHARED_MEMORY = 227 * 1024  # Hopper's per-block maximum; the tuner skips what fails anyway
 ACC_REGISTERS = 128  # float32 values per thread a tile may hold before the kernel spills
+GEMV_ACC_REGISTERS = 64  # the GEMV's accumulator, which lives beside the x tile and the decoded weights
 
 DEQUANTIZE_INTERPRETER = Config({"BLOCK": 4096}, num_warps=4, num_stages=1)
 DEQUANTIZE_SPACE = {"BLOCK": (512, 1024, 2048, 4096), "num_warps": (4, 8), "num_stages": (1,)}
@@ -26,8 +27,8 @@ DEQUANTIZE_SPACE = {"BLOCK": (512, 1024, 2048, 4096), "num_warps": (4, 8), "num_
 # The interpreter configs split K in two so the CPU tests run the split-K reduction.
 GEMV_INTERPRETER = Config({"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}, num_warps=4, num_stages=1)
 GEMV_SPACE = {
-    "BLOCK_N": (8, 16, 32, 64, 128), "BLOCK_K": (32, 64, 128, 256), "SPLIT_K": (1, 2, 4, 8, 16),
-    "num_warps": (4, 8), "num_stages": (1, 3),
+    "BLOCK_N": (8, 16, 32, 64, 128), "BLOCK_K": (8, 16, 32, 64, 128, 256), "SPLIT_K": (1, 2, 4, 8, 16),
+    "num_warps": (4, 8), "num_stages": (1,),
 }
 GEMM_INTERPRETER = Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 4},
                           num_warps=4, num_stages=1)
@@ -69,9 +70,11 @@ def _split_fits(config: Config, bucket: dict) -> bool:
 
 
 def gemv_fits(config: Config, bucket: dict) -> bool:
-    """The (rows, BLOCK_N, BLOCK_K / 2) products of one K step fit in registers."""
-    products = bucket["m"] * config.meta["BLOCK_N"] * config.meta["BLOCK_K"] // 2
-    return _aligned(config, bucket) and _split_fits(config, bucket) and products <= ACC_REGISTERS * 32 * config.num_warps
+    """The float32 (rows, BLOCK_N, BLOCK_K / 2) product accumulator, held across the K
+    loop, takes at most GEMV_ACC_REGISTERS registers a thread."""
+    rows = pow2(bucket["m"], 1, 16)
+    acc = rows * config.meta["BLOCK_N"] * config.meta["BLOCK_K"] // 2
+    return _aligned(config, bucket) and _split_fits(config, bucket) and acc <= GEMV_ACC_REGISTERS * 32 * config.num_warps
 
 
 def gemm_fits(config: Config, bucket: dict) -> bool:
@@ -96,24 +99,41 @@ def _split(tiles: int, k: int, block_k: int, most: int, waves: int) -> int:
     return split
 
 
-def gemv_default(*, m: int, n: int, k: int, blocksize: int, **_) -> Config:
-    """Narrow row slabs and split K so every SM holds several programs (the loads of a
-    loop without tl.dot are not pipelined: programs in flight hide the latency); K steps
-    as long as one quantization block allows (one scale load per row per step)."""
-    block_k = min(blocksize, 128)
-    block_n = 32 if m <= 4 else 16
+def gemv_warps(m: int) -> int:
+    """num_warps of the GEMV default: 4 for one row, 8 for more (room for the x tile)."""
+    return 4 if m == 1 else 8
+
+
+def gemv_default(*, m: int, n: int, k: int, dtype: str, blocksize: int, **_) -> Config:
+    """Each thread streams one weight row's bytes along K (16 bytes a step where BLOCK_K
+    allows), and the x tile (rows, BLOCK_K) and the BLOCK_N scales of a step hold fewer
+    elements than the program has threads: Triton then loads them straight in the weight
+    tile's layout (smaller loads are not layout anchors), so the loop moves nothing between
+    threads. BLOCK_K within one quantization block (one scale per row per step); split K
+    so every SM holds several programs (the loads of a loop without tl.dot are not
+    pipelined: programs in flight hide the latency). float32 x takes twice the registers
+    of a 16-bit x: half the K step for several rows."""
+    rows = pow2(m, 1, 16)  # the launch's BLOCK_M
+    threads = 32 * gemv_warps(rows)
+    block_k = min(blocksize, 64, threads // (2 * rows))
+    if dtype == "float32" and rows > 1:
+        block_k = max(block_k // 2, 8)
+    block_n = threads // 2
     return Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": _split(-(-n // block_n), k, block_k, 16, waves=8)},
-                  num_warps=4, num_stages=3)
+                  num_warps=gemv_warps(rows), num_stages=1)
 
 
 def gemm_default(*, m: int, n: int, k: int, dtype: str, blocksize: int, **_) -> Config:
     """The matmul tutorial's Hopper tiles, with BLOCK_K within one quantization block;
-    split-K only while the tiles alone leave SMs idle."""
-    block_k = min(blocksize, 32 if dtype == "float32" else 64)
-    if m <= 64:
-        block_m, block_n, warps = max(16, m), 64, 4
+    split-K only while the tiles alone leave SMs idle. float32 (its products are FMAs,
+    not tensor-core MMAs) takes 64 x 64 tiles over 8 warps: larger ones, or 4 warps,
+    spill on sm_90 and sm_80."""
+    if dtype == "float32":
+        block_m, block_n, block_k, warps = min(max(16, m), 64), 64, min(blocksize, 32), 8
+    elif m <= 64:
+        block_m, block_n, block_k, warps = max(16, m), 64, min(blocksize, 64), 4
     else:
-        block_m, block_n, warps = 128, 64 if dtype == "float32" else 128, 8
+        block_m, block_n, block_k, warps = 128, 128, min(blocksize, 64), 8
     tiles = -(-m // block_m) * -(-n // block_n)
     return Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
                    "SPLIT_K": _split(tiles, k, block_k, 4, waves=2)}, num_warps=warps, num_stages=3)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tritium.kernels.activations import tanh
+from tritium.kernels.activations import tanh_for
 from tritium.kernels.tiles import dot, load_rows, rounded
 from tritium.runtime import next_power_of_2
 
@@ -39,6 +39,19 @@ def block_span(first, last, reach_lo, reach_hi, length, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def heaviest_first(pid, count, REVERSE: tl.constexpr):
+    """The tile (of `count` along an axis) that program `pid` takes, so that the tiles with
+    the most work launch first and the light ones form the tail: the last tile first when
+    REVERSE (`heavier_later`), else in order. A permutation of [0, count) either way.
+    A constexpr, not a runtime select on the window: with the select, ptxas gave the
+    head_dim 128 softcap dQ kernel (its default config, sm_90, Triton 3.9) 16 bytes of
+    spills; with the constexpr, none."""
+    if REVERSE:
+        pid = count - 1 - pid
+    return pid
+
+
+@triton.jit
 def visible(pos, key, left, right, seqlen_k):
     """The mask predicate: query at position `pos` sees key index `key` (broadcastable)."""
     return (key >= pos - left) & (key <= pos + right) & (key < seqlen_k)
@@ -49,11 +62,12 @@ def logits(a, b, qk_scale, cap_log2, SOFTCAP: tl.constexpr, PRECISION: tl.conste
     """Scores of a @ b in log2 units, and the tanh of the softcap (for its derivative).
 
     Without softcap qk_scale = scale * log2(e); with it, qk_scale = scale / softcap and
-    cap_log2 = softcap * log2(e), so s = softcap * tanh(qk * scale / softcap) * log2(e).
+    cap_log2 = softcap * log2(e), so s = softcap * tanh(qk * scale / softcap) * log2(e);
+    16-bit inputs take the hardware tanh (`tanh_for`).
     """
     qk = dot(a, b, None, PRECISION)
     if SOFTCAP:
-        t = tanh(qk * qk_scale)
+        t = tanh_for(qk * qk_scale, a.dtype)
         return t * cap_log2, t
     else:
         return qk * qk_scale, qk
@@ -70,6 +84,30 @@ def softmax_step(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = dot(rounded(p, v.dtype), v, acc * alpha[:, None], PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def merge_step(acc, m, total, part, lse_part):
+    """Fold one split's normalised partial output `part` (R, D) and its log-sum-exp
+    `lse_part` (R,), log2 units, -inf for a split that saw no key, into a running merge:
+    acc (R, D) and total (R,) weighted relative to the running maximum m (R,). Start from
+    acc 0, m -inf, total 0; finish with `merge_result`. Split-KV decode and the split global
+    rows of block-sparse attention merge their splits with it, in split order."""
+    m_new = tl.maximum(m, lse_part)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    w = tl.exp2(lse_part - m_safe)
+    return acc * alpha[:, None] + w[:, None] * part, m_new, total * alpha + w
+
+
+@triton.jit
+def merge_result(acc, m, total):
+    """(output (R, D), natural-log lse (R,)) of a `merge_step` merge: 0 and -inf for rows
+    that no split saw a key for."""
+    empty = total == 0.0
+    out = acc / tl.where(empty, 1.0, total)[:, None]
+    lse = tl.where(empty, float("-inf"), (tl.where(m == float("-inf"), 0.0, m) + tl.log2(tl.where(empty, 1.0, total))))
+    return out, lse * 0.6931471805599453
 
 
 @triton.jit
@@ -107,6 +145,18 @@ def score_scales(scale: float, softcap: float) -> tuple[float, float]:
     if softcap > 0:
         return scale / softcap, softcap * LOG2E
     return scale * LOG2E, 1.0
+
+
+def heavier_later(reach_lo: int, reach_hi: int) -> bool:
+    """Whether the later tiles along an axis carry more work, for `heaviest_first`. The
+    reaches are those of `block_span` for the tiles of the axis (window sides, -1 =
+    unbounded): with reach_lo > reach_hi the span [x - reach_lo, x + reach_hi] of a tile
+    is cut more at the start of the other axis than at its end, so it grows with the tile
+    index (causal query tiles: keys [0, x]); otherwise (no mask, or the mirror of causal:
+    the key tiles of the causal backward) the first tiles weigh at least as much. FA3
+    launches causal query tiles last first too."""
+    unbounded = float("inf")
+    return (unbounded if reach_lo < 0 else reach_lo) > (unbounded if reach_hi < 0 else reach_hi)
 
 
 def window_reach(window: int, unbounded: int) -> int:

@@ -9,7 +9,7 @@ float32 to bfloat16 where the GPU rounds to nearest even (a bias that the sums o
 backward pass carry past the accuracy bound). Its bfloat16 -> float32 casts are right.
 So, interpreted, these helpers upcast bfloat16 operands to float32 (products and sums of
 bfloat16 values are exact there, as in the GPU's float32 accumulation) and round the
-float32 bits to nearest even before narrowing. Compiled, _INTERPRETED is False, the
+float32 bits to nearest even before narrowing. Compiled, INTERPRETED is False, the
 branches are dropped at compile time, and the kernel's PTX is instruction for
 instruction what it is with plain tl.dot, .to() and +.
 """
@@ -22,7 +22,7 @@ import triton.language as tl
 
 from tritium.runtime import interpreted
 
-_INTERPRETED = tl.constexpr(interpreted())
+INTERPRETED = tl.constexpr(interpreted())
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 def dot(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b in float32 (acc None: a zero accumulator); a (M, K), b (K, N) of one
     dtype, products at PRECISION ("ieee" or "tf32", from `dot_precision`)."""
-    if _INTERPRETED:
+    if INTERPRETED:
         if a.dtype == tl.bfloat16:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -64,7 +64,7 @@ def dot(a, b, acc, PRECISION: tl.constexpr):
 @triton.jit
 def rounded(x, dtype: tl.constexpr):
     """x.to(dtype): to nearest, ties to even, interpreted too (NaN stays NaN)."""
-    if _INTERPRETED:
+    if INTERPRETED:
         if dtype == tl.bfloat16:
             if x.dtype == tl.float32:
                 # Round the 16 bits the interpreter's truncation drops; it is then exact.
@@ -78,7 +78,7 @@ def rounded(x, dtype: tl.constexpr):
 def add(a, b):
     """a + b rounded to a's dtype (b of the same dtype), as PyTorch adds two tensors."""
     dtype = a.dtype
-    if _INTERPRETED:
+    if INTERPRETED:
         if dtype == tl.bfloat16:
             a = a.to(tl.float32)
             b = b.to(tl.float32)

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from tritium.runtime import interpreted
+from tritium.runtime import kernel_device
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # FlashAttention's limit. Any smaller head_dim works: the kernels pad it to a power of two
@@ -33,7 +33,7 @@ def check_tensor(name: str, x, *, shape: str, ndim: int, dtypes=FLOAT_DTYPES) ->
 
 def check_device(name: str, x: torch.Tensor) -> None:
     """x must live where kernels run: CUDA, or the CPU under the Triton interpreter."""
-    if x.device.type == "cuda" or (x.device.type == "cpu" and interpreted()):
+    if kernel_device(x.device):
         return
     hint = (
         "set TRITON_INTERPRET=1 before importing tritium to run kernels on the CPU"
