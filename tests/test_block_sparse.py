@@ -152,7 +152,7 @@ def record_launches(monkeypatch) -> dict:
 @pytest.mark.parametrize(
     "num_blocks,chunk,layout",
     [
-        (26, None, "random-padded"),  # split_blocks(1) = 12: 3 programs per global block, the last short
+        (13, None, "random-padded"),  # split_blocks(1) = 12: 2 programs per global block, the last of 1 block
         (11, 3, "eval-gqa-padded"),  # 4 per global block; the middle rows' 6 blocks stay in one program
         (11, 3, "random-gqa"),
     ],
