@@ -23,7 +23,7 @@ QUANT_STATE = ".quant_state.bitsandbytes__"
 # (state dict suffix, NF4Weight field) of the tensors; "" is the packed codes themselves.
 TENSORS = (("", "packed"), (".absmax", "absmax"), (".quant_map", "code"), (".nested_absmax", "absmax2"),
            (".nested_quant_map", "code2"))
-_SUFFIXES = {suffix for suffix, _ in TENSORS[1:]} | {QUANT_STATE + "nf4", QUANT_STATE + "fp4"}
+STATE_SUFFIXES = {suffix for suffix, _ in TENSORS[1:]} | {QUANT_STATE + "nf4", QUANT_STATE + "fp4"}
 
 
 def weight_state_dict(w: NF4Weight, key: str = "weight") -> dict[str, torch.Tensor]:
@@ -209,7 +209,7 @@ class NF4Linear(nn.Module):
         key = prefix + "weight"
         # "weight.absmax" and the like name no submodule: the base class reports them as
         # unexpected, so the ones read here are taken off its list.
-        consumed = [k for k in state_dict if k.startswith(key + ".") and k[len(key):] in _SUFFIXES]
+        consumed = [k for k in state_dict if k.startswith(key + ".") and k[len(key):] in STATE_SUFFIXES]
         if any(k.startswith(key + QUANT_STATE) for k in state_dict):
             weight = weight_from_state_dict(state_dict, key)
             if weight.shape != (self.out_features, self.in_features):

@@ -17,17 +17,29 @@ class RotaryEmbedding(nn.Module):
     rotary_dim: features rotated per head: Gemma 2's head_dim, GLM-4's head_dim *
     partial_rotary_factor (with interleaved=True: GLM-4 rotates the pairs (2i, 2i + 1)).
     The tables are non-persistent buffers (nothing to load), shape (max_position_embeddings,
-    rotary_dim / 2), as `apply_rotary` takes them.
+    rotary_dim / 2), as `apply_rotary` takes them. scaling: transformers' "linear" rope
+    factor (positions divided by it).
     """
 
     def __init__(self, rotary_dim: int, base: float = 10000.0, max_position_embeddings: int = 8192,
-                 interleaved: bool = False, device: torch.device | str | None = None):
+                 interleaved: bool = False, device: torch.device | str | None = None, *, scaling: float = 1.0,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.rotary_dim, self.interleaved = rotary_dim, interleaved
-        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=device) / rotary_dim))
-        freqs = torch.arange(max_position_embeddings, dtype=torch.float, device=device)[:, None] * inv_freq
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.rotary_dim, self.interleaved, self.base, self.scaling = rotary_dim, interleaved, base, scaling
+        self.reset_buffers(device, dtype, max_position_embeddings)
+
+    def reset_buffers(self, device=None, dtype: torch.dtype | None = None, positions: int | None = None) -> None:
+        """(Re)compute the tables on `device` in `dtype` (a model built on the meta device
+        gets its real tables here). dtype float32, or the model's dtype, in which
+        transformers' rotary rounds cos and sin before use."""
+        dtype = dtype or self.cos.dtype
+        positions = positions or self.cos.shape[0]
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float, device=device)
+                                        / self.rotary_dim))
+        inv_freq = inv_freq / self.scaling  # "linear" rope scaling, as transformers divides inv_freq
+        freqs = torch.arange(positions, dtype=torch.float, device=device)[:, None] * inv_freq
+        self.register_buffer("cos", freqs.cos().to(dtype), persistent=False)
+        self.register_buffer("sin", freqs.sin().to(dtype), persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor | None, position_ids: torch.Tensor | None = None, *,
                 seqlen_offsets: int | torch.Tensor = 0, inplace: bool = False):

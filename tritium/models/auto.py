@@ -1,0 +1,84 @@
+"""tritium.models.load: a Hugging Face checkpoint (local folder or hub repository) as a
+compact tritium model, by its config.json's model_type."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tritium.models import gemma2, glm4
+from tritium.models.attention import check_backend
+from tritium.models.checkpoint import load_weights, weight_files
+from tritium.models.config import read_json
+from tritium.models.hub import CheckpointFiles
+
+# model_type -> (config.json -> DecoderConfig, model class)
+MODEL_TYPES = {
+    "gemma2": (gemma2.config_from_hf, gemma2.Gemma2ForCausalLM),
+    "gemma3_text": (gemma2.config_from_hf, gemma2.Gemma2ForCausalLM),
+    "glm4": (glm4.config_from_hf, glm4.Glm4ForCausalLM),
+}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
+         device: torch.device | str | None = None, attn_implementation: str = "tritium",
+         quantization: str | None = None, revision: str | None = None, allow_pickle: bool = False):
+    """Load a checkpoint as a tritium model, in eval mode.
+
+    path_or_repo_id: a folder holding config.json and safetensors weights (one file, or
+        shards with model.safetensors.index.json), or a hub repository id, read through
+        huggingface_hub's cache (HF_HUB_OFFLINE=1 uses the cache only; nothing but
+        config.json and the weight files is downloaded).
+    dtype: the model's floating dtype; device: where its weights go (default: the current
+        CUDA device, else the CPU). The model is built on the meta device and each tensor
+        is read straight to `device` in `dtype`.
+    attn_implementation: "tritium", "sdpa" or "eager" (see model.set_attn_implementation).
+    quantization: None, or "nf4" to quantize every linear layer of the decoder layers at
+        load (bitsandbytes' NF4, blocksize 64, the LM head and embeddings stay dense). A
+        bitsandbytes NF4 checkpoint loads as it is, with or without it.
+    allow_pickle: read pickle weights (pytorch_model.bin), which can run code; refused
+        otherwise.
+
+    Returns the model (model.config is its DecoderConfig). Raises ValueError for an
+    unknown model_type and for a checkpoint whose tensors do not fit its config (every
+    missing, unexpected and mis-shaped one named), FileNotFoundError for a missing file.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+    if quantization not in (None, "nf4"):
+        raise ValueError(f"quantization: expected None or 'nf4', got {quantization!r}")
+    files = CheckpointFiles(path_or_repo_id, revision)
+    raw = read_json(files.get("config.json"))
+    model_type = raw.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{files.name}: model_type {model_type!r} has no compact tritium model; supported: "
+                         f"{sorted(MODEL_TYPES)}")
+    config_from_hf, model_class = MODEL_TYPES[model_type]
+    config = config_from_hf(raw)
+    check_backend(attn_implementation, config.attn_softcap)
+    paths = weight_files(files, allow_pickle=allow_pickle)
+    device = torch.device(device) if device is not None else default_device()
+    quantized = quantization == "nf4" or _is_nf4(raw)
+    model = model_class(config, quantization="nf4" if quantized else None, dtype=dtype, device="meta")
+    dense = model_class(config, dtype=dtype, device="meta") if quantized else model
+    load_weights(model, dense, paths, name=files.name, dtype=dtype, device=device, quantize=quantization == "nf4")
+    model.set_attn_implementation(attn_implementation)
+    return model.eval()
+
+
+def _is_nf4(raw: dict) -> bool:
+    """Whether config.json says the checkpoint is bitsandbytes NF4 (transformers writes
+    its quantization_config)."""
+    quant = raw.get("quantization_config") or {}
+    if not quant:
+        return False
+    if quant.get("quant_method") != "bitsandbytes" or not quant.get("load_in_4bit") or (
+            quant.get("bnb_4bit_quant_type", "fp4") != "nf4"):
+        raise ValueError(f"config.json: quantization_config {quant} is not bitsandbytes 4-bit NF4, the one quantized "
+                         "format tritium reads")
+    return True
