@@ -1,5 +1,7 @@
 """The `tritium` command.
 
+`tritium generate MODEL "prompt"` streams text from a compact tritium model and reports
+its prefill and decode speed.
 `tritium profile CASE` runs one benchmark case under the profiler: a Chrome/Perfetto trace,
 a per-kernel table, and a region nsys/ncu capture by itself. `tritium tune --model NAME`
 tunes every kernel for a model's shapes on this GPU; `tritium env` shows the device,
@@ -22,7 +24,7 @@ import torch
 
 from tritium import autotune, runtime
 from tritium.autotune import store
-from tritium.cli import profiling, text, workloads
+from tritium.cli import generation, profiling, text, workloads
 
 # (steps, warm-up) by device: a compiled step takes micro- to milliseconds and its first
 # calls autotune; an interpreted one takes about a second.
@@ -59,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     env = commands.add_parser("env", help="device, versions, autotune cache and per-kernel statistics")
     env.add_argument("--json", action="store_true", help="machine-readable output")
     env.set_defaults(run=_env_command, error=env.error)
+    gen = generation.add_parser(commands)
+    gen.set_defaults(run=_generate_command, error=gen.error)
     return parser
 
 
@@ -89,6 +93,10 @@ def _profile_command(args: argparse.Namespace, argv: list[str]) -> None:
         _profile(_import_cases(), args, device)
 
 
+def _generate_command(args: argparse.Namespace, argv: list[str]) -> None:
+    generation.run(args, _choose_device(args, argv))
+
+
 def _import_cases():
     from tritium.cli import cases  # imports the suites, and so triton
 
@@ -96,14 +104,14 @@ def _import_cases():
 
 
 def _choose_device(args: argparse.Namespace, argv: list[str]) -> str:
-    """The device to profile on. The CPU needs the Triton interpreter, which Triton picks when
+    """The device to run on. The CPU needs the Triton interpreter, which Triton picks when
     a kernel is decorated, i.e. when tritium was imported, before this module ran: without
     it, the command runs again in a fresh interpreter with TRITON_INTERPRET=1."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         args.error("--device cuda: no CUDA device is available")
     if device == "cuda" and runtime.interpreted():
-        args.error("TRITON_INTERPRET=1 would run the kernels interpreted: unset it to profile on CUDA")
+        args.error("TRITON_INTERPRET=1 would run the kernels interpreted: unset it to run on CUDA")
     if device == "cpu" and not runtime.interpreted():
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         raise SystemExit(subprocess.run([sys.executable, "-m", "tritium.cli", *argv], check=False, env=env).returncode)

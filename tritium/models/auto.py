@@ -10,7 +10,7 @@ import torch
 from tritium.models import gemma2, glm4
 from tritium.models.attention import check_backend
 from tritium.models.checkpoint import load_weights, weight_files
-from tritium.models.config import read_json
+from tritium.models.config import ids, read_json
 from tritium.models.hub import CheckpointFiles
 
 # model_type -> (config.json -> DecoderConfig, model class)
@@ -60,6 +60,11 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloa
                          f"{sorted(MODEL_TYPES)}")
     config_from_hf, model_class = MODEL_TYPES[model_type]
     config = config_from_hf(raw)
+    # transformers' generate stops on generation_config.json's eos ids (Gemma 2: <eos> and
+    # <end_of_turn>), which may be more than config.json's.
+    generation = read_json(files.get("generation_config.json", required=False))
+    if generation.get("eos_token_id") is not None:
+        config.eos_token_ids = ids(generation["eos_token_id"])
     check_backend(attn_implementation, config.attn_softcap)
     paths = weight_files(files, allow_pickle=allow_pickle)
     device = torch.device(device) if device is not None else default_device()

@@ -24,6 +24,7 @@ class StaticCache:
         self.key_padding_mask = torch.ones(batch, max_seqlen, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
         self.length = 0
+        self.padded = False  # whether key_padding_mask hides any position (else the kernels skip it)
         self.graph_lengths = False  # True inside a captured step: launches read `lengths`
 
     @property
@@ -39,6 +40,17 @@ class StaticCache:
         """Where the next tokens go: an int in eager calls, the `lengths` tensor in a
         captured step."""
         return self.lengths if self.graph_lengths else self.length
+
+    def set_padding(self, start: int, mask: torch.Tensor) -> None:
+        """Record mask (batch, n) bool, True = token, for positions start .. start + n
+        (one host read, to know whether any position is padding)."""
+        self.key_padding_mask[:, start:start + mask.shape[1]] = mask
+        self.padded = self.padded or not bool(mask.all())
+
+    @property
+    def attend_mask(self) -> torch.Tensor | None:
+        """key_padding_mask when some position is padding, else None."""
+        return self.key_padding_mask if self.padded else None
 
     def check_room(self, new_tokens: int) -> None:
         if self.length + new_tokens > self.max_seqlen:

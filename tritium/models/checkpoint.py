@@ -9,6 +9,8 @@ a float checkpoint are quantized one by one as they are read."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -20,6 +22,7 @@ from tritium.models.nf4_linear import QUANT_STATE, STATE_SUFFIXES, NF4Linear, we
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 SHOWN = 8  # keys named per category in an error
+LAYER = re.compile(r"^.*?\.layers\.\d+\.")
 
 
 def weight_files(files: CheckpointFiles, *, allow_pickle: bool = False) -> list:
@@ -117,18 +120,24 @@ def load_weights(model: nn.Module, dense: nn.Module, paths: list, *, name: str, 
     check_keys(name, expected, reader.shapes, nf4_weights, ignored=tied)
     to_quantize = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, NF4Linear)} - nf4_weights
     nf4_state = {w + suffix for w in nf4_weights for suffix in STATE_SUFFIXES}  # kept in float32
-    state = {}
-    for key, t in reader.tensors(reader.shapes.keys() - tied):
-        if t.is_floating_point() and key not in nf4_state:
-            t = t.to(dtype)
-        if quantize and key in to_quantize:
-            state.update(weight_state_dict(nf4.quantize(t), key))
-        else:
-            state[key] = t
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if set(result.missing_keys) - tied or result.unexpected_keys:
-        raise ValueError(f"{name}: the checkpoint's tensors do not fit the model: missing {result.missing_keys[:SHOWN]}, "
-                         f"unexpected {result.unexpected_keys[:SHOWN]}")
+    # One layer at a time: what load_state_dict's hooks build (Gemma's gate and up stacked)
+    # is a transient copy of one layer, never of the model.
+    layers = {}
+    for key in reader.shapes.keys() - tied:
+        match = LAYER.match(key)
+        layers.setdefault(match.group(0) if match else "", set()).add(key)
+    for keys in layers.values():
+        state = {}
+        for key, t in reader.tensors(keys):
+            if t.is_floating_point() and key not in nf4_state:
+                t = t.to(dtype)
+            if quantize and key in to_quantize:
+                state.update(weight_state_dict(nf4.quantize(t), key))
+            else:
+                state[key] = t
+        unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{name}: the model has no place for {unexpected[:SHOWN]}")
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     for module in model.modules():

@@ -155,8 +155,8 @@ class DecoderLM(nn.Module):
         mask = None if attention_mask is None else attention_mask.bool()
         if cache is not None:
             if mask is not None:
-                cache.key_padding_mask[:, start:start + seqlen] = mask
-            mask = cache.key_padding_mask
+                cache.set_padding(start, mask)
+            mask = cache.attend_mask
         step = Step(position_ids, mask, cache)
         x = self.embed(input_ids)
         for layer in self.model.layers:

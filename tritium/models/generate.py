@@ -101,20 +101,22 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
     pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
     pad = pad if pad is not None else (int(eos[0]) if eos.numel() else 0)
     batch, prompt = input_ids.shape
-    sequences, scores = input_ids.long(), []
     if max_new_tokens == 0:
+        sequences = input_ids.long()
         return GenerateOutput(sequences) if return_logits else sequences
 
-    cache = model.new_cache(batch, prompt + max_new_tokens)
+    sequences = torch.full((batch, prompt + max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
+    sequences[:, :prompt] = input_ids
+    cache, scores = model.new_cache(batch, prompt + max_new_tokens), []
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # transformers' positions for left padding
-    logits = model(sequences, mask, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1].float()
+    logits = model(input_ids, mask, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1].float()
     step = _decode_step(model, cache, batch, cuda_graph)
     position = positions[:, -1:]
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     for i in range(max_new_tokens):
         scores.append(logits)
         token = sampling(logits).where(unfinished, pad)
-        sequences = torch.cat([sequences, token[:, None]], dim=1)
+        sequences[:, prompt + i] = token
         if streamer is not None:
             streamer(token)
         if eos.numel():
@@ -123,6 +125,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
             break
         position = position + 1
         logits = step(token[:, None], position).float()
+    sequences = sequences[:, : prompt + i + 1]
     return GenerateOutput(sequences, scores) if return_logits else sequences
 
 
@@ -171,7 +174,7 @@ class CapturedStep:
         self.positions.copy_(positions)
         self.graph.replay()
         self.cache.advance(1)
-        return self.logits
+        return self.logits.clone()  # the next replay overwrites the static output
 
     def _run(self) -> torch.Tensor:
         return self.model(self.tokens, position_ids=self.positions, cache=self.cache, logits_to_keep=1).logits[:, -1]

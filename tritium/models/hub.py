@@ -52,14 +52,14 @@ class CheckpointFiles:
                                     "token gives access; `hf auth login`)") from None
         except RevisionNotFoundError:
             raise FileNotFoundError(f"{self.name}: no revision {self.revision!r}") from None
-        except EntryNotFoundError:
-            if required:
-                raise FileNotFoundError(f"{self.name}: the repository has no {filename}") from None
-            return None
-        except LocalEntryNotFoundError:
+        except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: first
             # Offline, or the hub is unreachable: only the local cache could answer.
             if required or not offline:
                 where = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
                 raise FileNotFoundError(f"{self.name}: {filename} is not in the local Hugging Face cache and {where}; "
                                         "download it once online, or pass a local folder") from None
+            return None
+        except EntryNotFoundError:
+            if required:
+                raise FileNotFoundError(f"{self.name}: the repository has no {filename}") from None
             return None

@@ -215,7 +215,8 @@ class NF4Linear(nn.Module):
             if weight.shape != (self.out_features, self.in_features):
                 raise ValueError(f"{key}: the checkpoint holds a {weight.shape} weight, this layer is "
                                  f"({self.out_features}, {self.in_features})")
-            self._set_weight(weight.to(self.weight.device))
+            # A layer built on the meta device (a model filled in place) takes the tensors where they are.
+            self._set_weight(weight if self.weight.is_meta else weight.to(self.weight.device))
             state_dict[key] = self.weight  # (load_state_dict's own copy) the uint8 view the base class copies
         elif key in state_dict:
             raise ValueError(f"{key}: no bitsandbytes quant state ('{key}{QUANT_STATE}nf4') in the state dict; "
