@@ -315,3 +315,98 @@ def test_cuda_graph_decode_matches_eager_steps(checkpoints, family):
     for a, b in zip(eager.logits, graphed.logits):
         assert_logits_close(a, b)
 
+
+
+@pytest.mark.parametrize("family", ["gemma2", "glm4"])
+def test_bfloat16_as_accurate_as_transformers(checkpoints, family):
+    """In bfloat16 the logits stay within twice transformers' own bfloat16 error (both
+    against transformers in float64) plus a floor."""
+    hf, folder = checkpoints[family]
+    ids = torch.randint(3, 100, (2, 14))
+    ours = tritium.models.load(folder, dtype=torch.bfloat16, device="cpu")
+    with torch.no_grad():
+        exact = type(hf)(hf.config).double().eval()
+        exact.load_state_dict(hf.state_dict())
+        reference = exact(input_ids=ids).logits
+        half = type(hf)(hf.config).to(torch.bfloat16).eval()
+        half.load_state_dict(hf.state_dict())
+        half.set_attn_implementation("eager")
+        theirs = (half(input_ids=ids).logits.double() - reference).abs().max().item()
+        mine = (ours(ids).logits.double() - reference).abs().max().item()
+    assert mine <= 2 * theirs + 1e-3 * reference.abs().max().item()
+
+
+def word_tokenizer(folder):
+    """A word-level tokenizer.json over the tiny models' 100 ids ("<pad>", "<bos>", "<eos>",
+    then "w3" .. "w99"), adding bos, with its tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, 100)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+def test_generate_command(checkpoints, tmp_path):
+    """`tritium generate` streams the continuation, then reports the times."""
+    folder = copy_of(checkpoints, "glm4", tmp_path)
+    word_tokenizer(folder)
+    run = subprocess.run([sys.executable, "-m", "tritium.cli", "generate", str(folder), "w5 w6 w7",
+                          "--max-new-tokens", "4", "--dtype", "float32", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    model = tritium.models.load(folder, dtype=torch.float32, device="cpu")
+    expected = model.generate(torch.tensor([[1, 5, 6, 7]]), 4)[0, 4:].tolist()
+    assert len(expected) == 4  # no eos on the way: all four steps are timed
+    assert run.stdout.startswith("w5 w6 w7")
+    assert " ".join(f"w{i}" for i in expected if i >= 3) in run.stdout
+    for part in ("prefill:", "warm-up:", "decode: 2 steps", "tokens/s", "GB/s"):
+        assert part in run.stderr
+
+
+# config.json as the hub's checkpoints hold them (written before transformers 5: rope
+# fields at the top level), trimmed to what differs from the defaults.
+HUB_CONFIGS = {
+    "gemma-3-1b": {"model_type": "gemma3_text", "hidden_size": 1152, "intermediate_size": 6912,
+                   "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+                   "rope_theta": 1000000, "rope_local_base_freq": 10000, "rope_scaling": None,
+                   "sliding_window": 512, "sliding_window_pattern": 6, "vocab_size": 262144,
+                   "max_position_embeddings": 32768, "query_pre_attn_scalar": 256},
+    "gemma-3-4b-text": {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
+                        "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4,
+                        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024,
+                        "vocab_size": 262208},
+    "gemma-2-2b": {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                   "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "rope_theta": 10000.0,
+                   "hidden_activation": "gelu_pytorch_tanh", "vocab_size": 256000, "eos_token_id": 1},
+    "glm-4-9b-0414": {"model_type": "glm4", "hidden_size": 4096, "intermediate_size": 13696,
+                      "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128,
+                      "partial_rotary_factor": 0.5, "rope_theta": 10000.0, "vocab_size": 151552,
+                      "max_position_embeddings": 32768, "eos_token_id": [151329, 151336, 151338]},
+}
+
+
+@pytest.mark.parametrize("name", HUB_CONFIGS)
+def test_hub_config_formats(name):
+    """Our reading of a hub config.json agrees with transformers' (rope per layer type,
+    layer types, rotary dim, softcaps, eos ids)."""
+    from transformers import AutoConfig
+
+    raw = HUB_CONFIGS[name]
+    theirs = AutoConfig.for_model(**raw)
+    ours = tritium.models.MODEL_TYPES[raw["model_type"]][0](dict(raw))
+    assert ours.layer_types == list(getattr(theirs, "layer_types", None) or ours.layer_types)
+    params = theirs.rope_parameters
+    for layer_type in set(ours.layer_types):
+        spec = params.get(layer_type, params)
+        assert ours.rope[layer_type].theta == spec["rope_theta"]
+        assert ours.rope[layer_type].factor == (spec.get("factor", 1.0) if spec.get("rope_type") == "linear" else 1.0)
+    assert ours.rotary_dim == int(theirs.head_dim * params.get("partial_rotary_factor", 1.0))
+    assert ours.attn_softcap == (getattr(theirs, "attn_logit_softcapping", None) or 0.0)
+    assert ours.final_softcap == (getattr(theirs, "final_logit_softcapping", None) or 0.0)
+    assert ours.eos_token_ids == ([theirs.eos_token_id] if isinstance(theirs.eos_token_id, int) else theirs.eos_token_id)
+    assert ours.softmax_scale == pytest.approx(getattr(theirs, "query_pre_attn_scalar", theirs.head_dim) ** -0.5)

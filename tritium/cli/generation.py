@@ -91,7 +91,9 @@ def run(args: argparse.Namespace, device: str) -> None:
     print(f"loaded {args.model} ({model.config.model_type}, {args.dtype}{', nf4' if args.nf4 else ''}, "
           f"attention {args.attn}) on {device} in {time.perf_counter() - loaded:.1f} s", file=sys.stderr)
     ids = torch.tensor([tokenizer.encode(args.prompt)], device=device)
-    stream, clock = tokenizer.decode_stream(skip_special_tokens=True), Clock()
+    # The prompt as context: a tokenizer that drops a sequence's leading space keeps the
+    # one between the prompt and the first new word.
+    stream, clock = tokenizer.decode_stream(skip_special_tokens=True, context=ids[0].tolist()), Clock()
 
     def show(tokens: torch.Tensor) -> None:
         token = int(tokens[0])  # a host sync: the clock sees the step done

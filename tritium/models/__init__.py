@@ -7,5 +7,7 @@ from tritium.models.cache import StaticCache
 from tritium.models.gemma2 import Gemma2ForCausalLM
 from tritium.models.generate import GenerateOutput, generate
 from tritium.models.glm4 import Glm4ForCausalLM
+from tritium.models.tokenizer import Tokenizer, TokenizerDecodeStream, load_tokenizer
 
-__all__ = ["MODEL_TYPES", "GenerateOutput", "Gemma2ForCausalLM", "Glm4ForCausalLM", "StaticCache", "generate", "load"]
+__all__ = ["MODEL_TYPES", "GenerateOutput", "Gemma2ForCausalLM", "Glm4ForCausalLM", "StaticCache", "Tokenizer",
+           "TokenizerDecodeStream", "generate", "load", "load_tokenizer"]

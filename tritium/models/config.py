@@ -64,12 +64,16 @@ class DecoderConfig:
 
 
 def read_json(path: Path | None) -> dict:
+    """The JSON object in `path` ({} for None); ValueError naming the file otherwise."""
     if path is None:
         return {}
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
 
 

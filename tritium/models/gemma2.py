@@ -30,7 +30,8 @@ def config_from_hf(raw: dict) -> DecoderConfig:
     if raw.get("use_bidirectional_attention"):
         raise ValueError("config.json: use_bidirectional_attention (an embedding model) is not a causal LM; "
                          "tritium's compact Gemma is causal")
-    raw = {"head_dim": 256, "max_position_embeddings": 131072 if gemma3 else 8192, **raw}
+    raw = {"head_dim": 256, "max_position_embeddings": 131072 if gemma3 else 8192, "pad_token_id": 0,
+           "eos_token_id": 1, "bos_token_id": 2, **raw}
     fields = common_fields(raw)
     layers = fields["num_hidden_layers"]
     pattern = raw.get("sliding_window_pattern", 6) if gemma3 else 2

@@ -25,7 +25,7 @@ class Glm4ForCausalLM(DecoderLM):
 def config_from_hf(raw: dict) -> DecoderConfig:
     """A DecoderConfig from a GLM-4 ("glm4") config.json, with transformers' defaults."""
     raw = {"max_position_embeddings": 131072, "partial_rotary_factor": 0.5, "attention_bias": True,
-           "eos_token_id": [151329, 151336, 151338], **raw}
+           "eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329, **raw}
     fields = common_fields(raw)
     rope, partial = rope_of(raw, {"full_attention": 1e4})
     return DecoderConfig(

@@ -18,7 +18,6 @@ templates are left to the caller: render one to a string and `encode(text, add_s
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from tritium.models.config import read_json
 from tritium.models.hub import CheckpointFiles
 
 __all__ = ["Tokenizer", "TokenizerDecodeStream", "load_tokenizer"]
@@ -49,7 +49,7 @@ _CLASS_DEFAULTS: dict[str, dict[str, str]] = {
                                 "sep_token": "<::::>"},
     "PegasusTokenizer": {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask_2>"},
 }
-# transformers' aliases (tokenizer_class_from_name): these load as RobertaTokenizer.
+# transformers' aliases (tokenizer_class_from_name): the class each of these names loads.
 _CLASS_ALIASES = {"MvpTokenizer": "RobertaTokenizer", "BartTokenizer": "RobertaTokenizer",
                   "PreTrainedTokenizerFast": "TokenizersBackend", "PreTrainedTokenizer": "TokenizersBackend"}
 # config.json model_type -> the class AutoTokenizer uses when tokenizer_config.json names none.
@@ -62,8 +62,16 @@ _MODEL_TYPE_CLASSES = {
 # Classes transformers runs on sentencepiece itself (SentencePieceBackend, a Python tokenizer):
 # no bos/eos added, and decode joins the pieces and strips the ends.
 _SENTENCEPIECE_BACKEND_CLASSES = {"BertGenerationTokenizer"}
-# SentencePiece-only checkpoints whose transformers class renumbers the pieces: not reproduced.
-_UNSUPPORTED_SENTENCEPIECE_CLASSES = {"PegasusTokenizer", "T5Tokenizer"}
+# The classes whose tokenizer this module reproduces from each kind of vocabulary other than
+# tokenizer.json, the first one standing for "no class named" (None: transformers' generic
+# conversion of a SentencePiece model). Other classes build their own pipeline (LlamaTokenizer: a
+# dummy prefix on the first chunk only) or renumber the pieces (PegasusTokenizer, T5Tokenizer):
+# for them, the checkpoint's tokenizer.json is needed.
+_CLASSES_WITHOUT_TOKENIZER_JSON: dict[str, tuple[str | None, ...]] = {
+    "sentencepiece": (None, "TokenizersBackend", "GemmaTokenizer", *sorted(_SENTENCEPIECE_BACKEND_CLASSES)),
+    "bpe": ("RobertaTokenizer",),
+    "wordpiece": ("BertTokenizer",),
+}
 
 _LOOKED_FOR = "tokenizer.json, tokenizer.model, spiece.model, vocab.json + merges.txt, or vocab.txt"
 
@@ -87,44 +95,25 @@ class _Token:
 
 
 def _token(value: Any) -> _Token | None:
-    if value is None or (isinstance(value, (str, dict)) and not value):
-        return None
-    if not isinstance(value, (str, dict)):
-        return None
-    return _Token(value)
-
-
-def _read_json(path: Path | None) -> dict:
-    if path is None:
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
-
-def _ids(value: Any) -> list[int]:
-    """eos_token_id / pad_token_id of a config: an int, a list of ints, or absent."""
-    if value is None:
-        return []
-    if isinstance(value, bool):
-        raise ValueError(f"a token id is an int or a list of ints, not {value!r}")
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return list(dict.fromkeys(value))
-    raise ValueError(f"a token id is an int or a list of ints, not {value!r}")
+    """A token named in a config (a string, or a dict with "content"); None for anything else."""
+    if isinstance(value, dict):
+        return _Token(value) if isinstance(value.get("content"), str) and value["content"] else None
+    return _Token(value) if isinstance(value, str) and value else None
 
 
 def _config_ids(key: str, generation: dict, config: dict) -> list[int]:
-    """`key` from generation_config.json, else config.json, else config.json's text_config."""
-    for source in (generation, config, config.get("text_config") or {}):
-        if isinstance(source, dict) and source.get(key) is not None:
-            return _ids(source[key])
+    """`key` (eos_token_id, pad_token_id: an int or a list of ints) from generation_config.json,
+    else config.json, else config.json's text_config; [] where none has it."""
+    text_config = config.get("text_config")
+    for where, source in (("generation_config.json", generation), ("config.json", config),
+                          ("config.json text_config", text_config if isinstance(text_config, dict) else {})):
+        value = source.get(key)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"{where}: {key} should be an int or a list of ints, not {value!r}")
+        return list(dict.fromkeys(values))
     return []
 
 
@@ -155,12 +144,11 @@ class _TokenizersBackend:
         return self.tok.token_to_id(token)
 
     def add(self, token: _Token, special: bool) -> int:
-        """Make `token` an added token (matched whole in text), special or not, as transformers'
-        add_tokens does; a token the vocabulary lacks gets the next id. Returns its id."""
-        existing = {t.content: (i, t) for i, t in self.tok.get_added_tokens_decoder().items()}
-        if token.content in existing:
-            index, added = existing[token.content]
-            if added.special == special and not token.flags:
+        """Make `token` an added token (matched whole in text), special or not, as transformers
+        does when it loads: an added token already is left as it is, a token the vocabulary lacks
+        gets the next id. Returns its id."""
+        for index, added in self.tok.get_added_tokens_decoder().items():
+            if added.content == token.content:
                 return index
         added = token.added_token(special)
         if special:
@@ -173,9 +161,9 @@ class _TokenizersBackend:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
 
-def _spm_proto_info(proto: bytes) -> tuple[set[int], bool]:
-    """The ids of the user-defined pieces and the add_dummy_prefix flag of a serialized SentencePiece
-    ModelProto, read from the protobuf wire format (no protobuf dependency)."""
+def _spm_dummy_prefix(proto: bytes) -> bool:
+    """The add_dummy_prefix flag of a serialized SentencePiece ModelProto, read from the protobuf
+    wire format (no protobuf dependency)."""
 
     def fields(buf: bytes):
         i = 0
@@ -205,31 +193,22 @@ def _spm_proto_info(proto: bytes) -> tuple[set[int], bool]:
                 return result, i
             shift += 7
 
-    user_defined: set[int] = set()
     dummy_prefix = True  # the proto's default
-    index = 0
     for field, value in fields(proto):
-        if field == 1:  # ModelProto.pieces
-            piece_type = 1  # NORMAL
-            for f, v in fields(value):
-                if f == 3:
-                    piece_type = v
-            if piece_type == 4:  # USER_DEFINED
-                user_defined.add(index)
-            index += 1
-        elif field == 3:  # ModelProto.normalizer_spec
+        if field == 3:  # ModelProto.normalizer_spec
             for f, v in fields(value):
                 if f == 3:  # NormalizerSpec.add_dummy_prefix
                     dummy_prefix = bool(v)
-    return user_defined, dummy_prefix
+    return dummy_prefix
 
 
 class _SentencePieceBackend:
     """A SentencePiece model with transformers' added-token handling on top: text is split on the
-    added tokens (the model's control and user-defined pieces, and the tokens the configs name),
-    each piece between them encoded by SentencePiece, and bos/eos added per add_bos_token /
-    add_eos_token. This is what transformers' tokenizers-based classes built from a .model file
-    (GemmaTokenizer, TokenizersBackend) and its SentencePieceBackend classes compute."""
+    added tokens (the tokens the configs name, and, but for SentencePieceBackend classes, the
+    model's control pieces), each piece between them encoded by SentencePiece (which matches the
+    user-defined pieces itself), and bos/eos added per add_bos_token / add_eos_token. This is what
+    transformers' tokenizers-based classes built from a .model file (GemmaTokenizer,
+    TokenizersBackend) and its SentencePieceBackend classes (BertGenerationTokenizer) compute."""
 
     def __init__(self, path: Path, *, python_style: bool, clean_up: bool):
         import sentencepiece
@@ -238,18 +217,17 @@ class _SentencePieceBackend:
         self.python_style = python_style
         self.clean_up = clean_up
         self.pieces = self.sp.get_piece_size()
-        user_defined, self.dummy_prefix = _spm_proto_info(self.sp.serialized_model_proto())
+        self.dummy_prefix = _spm_dummy_prefix(self.sp.serialized_model_proto())
         self.added: dict[str, int] = {}  # content -> id, matched whole in the text
         self.added_by_id: dict[int, str] = {}
         self.special: set[int] = set()
         self._next = self.pieces
         self._pattern: re.Pattern | None = None
         if not python_style:
-            # transformers' SentencePiece conversion: control pieces are special added tokens,
-            # user-defined pieces added tokens that are not special.
+            # transformers' SentencePiece conversion: control pieces are special added tokens.
             for i in range(self.pieces):
-                if self.sp.is_control(i) or i in user_defined:
-                    self._register(self.sp.id_to_piece(i), i, special=self.sp.is_control(i))
+                if self.sp.is_control(i):
+                    self._register(self.sp.id_to_piece(i), i, special=True)
         from tokenizers import decoders
 
         steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -275,6 +253,9 @@ class _SentencePieceBackend:
         return index if self.sp.id_to_piece(index) == token else None
 
     def add(self, token: _Token, special: bool, index: int | None = None) -> int:
+        """As _TokenizersBackend.add; `index` places a token the model lacks (added_tokens_decoder)."""
+        if token.content in self.added:
+            return self.added[token.content]
         existing = self.token_to_id(token.content)
         if existing is None:
             existing = index if index is not None else self._next
@@ -378,7 +359,8 @@ class Tokenizer:
 
     @property
     def pad_token_id(self) -> int | None:
-        """The id batches are padded with (None if there is none: see `__call__`)."""
+        """The id batches are padded with: the tokenizer's pad token, else generation_config.json's
+        or config.json's pad_token_id (None if there is none: see `__call__`)."""
         return self._pad
 
     @property
@@ -444,10 +426,13 @@ class Tokenizer:
             attention_mask[i, cols] = 1
         return input_ids, attention_mask
 
-    def decode_stream(self, skip_special_tokens: bool = False) -> TokenizerDecodeStream:
+    def decode_stream(self, skip_special_tokens: bool = False,
+                      context: Sequence[int] | torch.Tensor = ()) -> TokenizerDecodeStream:
         """An incremental decoder for printing tokens as they are generated: see
-        `TokenizerDecodeStream`."""
-        return TokenizerDecodeStream(self, skip_special_tokens)
+        `TokenizerDecodeStream`. `context`: ids already shown (the prompt), which the new text
+        follows; without it, a tokenizer that drops the leading space of a sequence (SentencePiece's
+        dummy prefix) drops the space before the first pushed word."""
+        return TokenizerDecodeStream(self, skip_special_tokens, context)
 
 
 class TokenizerDecodeStream:
@@ -456,14 +441,16 @@ class TokenizerDecodeStream:
     multi-byte character (byte-fallback or byte-level tokens) gives "" until the character is
     complete: text is emitted only once it no longer ends in U+FFFD. `finish()` returns what is
     still held back. Each push decodes a short window of ids, the tokens since the previous
-    emission, so the cost per token does not grow with the sequence."""
+    emission, so the cost per token does not grow with the sequence. `context`: ids already
+    shown, which the pushed ones follow (their text is not returned)."""
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False,
+                 context: Sequence[int] | torch.Tensor = ()):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        self._ids: list[int] = []
-        self._prefix = 0  # the window decoded to find what a new id adds starts here
-        self._read = 0  # ids before this one have been emitted
+        self._ids: list[int] = _id_list(context)
+        self._read = len(self._ids)  # ids before this one have been emitted (or were context)
+        self._prefix = max(0, self._read - 5)  # the window decoded to find what a new id adds starts here
 
     def push(self, token_id: int | torch.Tensor) -> str:
         """Add one id; return the new printable text ("" while a character is incomplete)."""
@@ -504,8 +491,9 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, revision: str | None =
     Vocabulary: the first of `tokenizer.json` (loaded as it is with `tokenizers`), `tokenizer.model`
     or `spiece.model` (SentencePiece), `vocab.json` + `merges.txt` (byte-level BPE, RoBERTa / MVP)
     and `vocab.txt` (WordPiece, BERT); FileNotFoundError naming them when there is none. A
-    SentencePiece-only checkpoint of PegasusTokenizer / T5Tokenizer (which renumber the pieces) is
-    refused with a ValueError: use its tokenizer.json.
+    SentencePiece model without tokenizer.json is read for GemmaTokenizer, BertGenerationTokenizer
+    and generic (TokenizersBackend, or no class named) checkpoints only; other classes (Llama,
+    Pegasus, T5: transformers builds their own pipeline or renumbers the pieces) raise ValueError.
 
     Special tokens, as transformers 5 resolves them: a token (a string, or a dict with "content")
     is taken from tokenizer_config.json; special_tokens_map.json overrides it unless
@@ -513,11 +501,13 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, revision: str | None =
     the config names (tokenizer_class, else config.json's model_type; e.g. GemmaTokenizer: <bos>,
     <eos>, <pad>, <unk>, <mask>); for a SentencePiece model loaded as a generic class, its own
     bos/eos/unk pieces. A named token the vocabulary lacks is added with the next id, as
-    transformers does. Where the tokenizer files name no bos or pad token (transformers would
-    report None), generation_config.json's, else config.json's bos_token_id / pad_token_id fill
-    in. eos: `eos_token_id` is the tokenizer's eos token; `eos_token_ids` (what ends generation) is
-    generation_config.json's eos_token_id, else config.json's (an int or a list), else
-    [eos_token_id].
+    transformers does. `bos_token_id` and `pad_token_id` are those tokens' ids, as transformers
+    reports them, except that where the tokenizer files name no pad token (transformers: None),
+    generation_config.json's, else config.json's pad_token_id fills in. eos: `eos_token_id` is the
+    tokenizer's eos token (where the tokenizer files name none, the first of `eos_token_ids`);
+    `eos_token_ids` (what ends generation) is generation_config.json's eos_token_id, else
+    config.json's (an int or a list), else [eos_token_id], with eos_token_id moved first when it
+    is among them.
 
     What `encode` adds around a sequence: tokenizer.json's post-processor (transformers then
     ignores add_bos_token / add_eos_token); for a SentencePiece model, bos if add_bos_token and eos
@@ -527,9 +517,9 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, revision: str | None =
     """
     files = CheckpointFiles(path_or_repo_id, revision)
     name = files.name
-    tk_config = _read_json(files.get("tokenizer_config.json", required=False))
-    generation = _read_json(files.get("generation_config.json", required=False))
-    config = _read_json(files.get("config.json", required=False))
+    tk_config = read_json(files.get("tokenizer_config.json", required=False))
+    generation = read_json(files.get("generation_config.json", required=False))
+    config = read_json(files.get("config.json", required=False))
 
     cls = tk_config.get("tokenizer_class") or config.get("tokenizer_class") or \
         _MODEL_TYPE_CLASSES.get(str(config.get("model_type")))
@@ -539,11 +529,22 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, revision: str | None =
         cls = _CLASS_ALIASES.get(cls, cls)
     else:
         cls = None
+    kind, paths = _vocabulary_files(files)
+    if kind != "tokenizer.json":
+        # Without tokenizer.json, transformers builds the tokenizer from the class: only the
+        # classes reproduced here are accepted.
+        supported = _CLASSES_WITHOUT_TOKENIZER_JSON[kind]
+        if cls is None and kind != "sentencepiece":
+            cls = supported[0]
+        if cls not in supported:
+            names = ", ".join(c for c in supported if c) + (", or none named" if None in supported else "")
+            raise ValueError(f"{name}: tokenizer_class {cls} from {' + '.join(p.name for p in paths)} alone is not "
+                             f"supported (only {names}); a checkpoint with tokenizer.json is")
 
     # The named special tokens, in transformers' order of precedence.
     tokens: dict[str, _Token | None] = {key: _token(tk_config.get(key)) for key in _NAMED}
     if "added_tokens_decoder" not in tk_config:
-        special_map = _read_json(files.get("special_tokens_map.json", required=False))
+        special_map = read_json(files.get("special_tokens_map.json", required=False))
         for key in _NAMED:
             if _token(special_map.get(key)) is not None:
                 tokens[key] = _token(special_map[key])
@@ -555,7 +556,7 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, revision: str | None =
             tokens[key] = _Token(default)
     clean_up = bool(tk_config.get("clean_up_tokenization_spaces", False))
 
-    backend, after_specials = _load_backend(files, cls, tk_config, tokens, clean_up)
+    backend, after_specials = _load_backend(kind, paths, cls, tk_config, tokens, clean_up)
 
     # Other special tokens: model-specific *_token keys, additional/extra special tokens.
     extras: list[_Token] = []
@@ -586,8 +587,6 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, revision: str | None =
         after_specials(ids)
 
     bos, pad, eos = ids["bos_token"], ids["pad_token"], ids["eos_token"]
-    if bos is None:
-        bos = next(iter(_config_ids("bos_token_id", generation, config)), None)
     if pad is None:
         pad = next(iter(_config_ids("pad_token_id", generation, config)), None)
     eos_ids = _config_ids("eos_token_id", generation, config)
@@ -602,22 +601,37 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, revision: str | None =
                      pad_token_id=pad, unk_token_id=ids["unk_token"])
 
 
-def _load_backend(files: CheckpointFiles, cls: str | None, tk_config: dict, tokens: dict[str, _Token | None],
-                  clean_up: bool):
+def _vocabulary_files(files: CheckpointFiles) -> tuple[str, list[Path]]:
+    """Which vocabulary the checkpoint has, the first of: tokenizer.json, tokenizer.model or
+    spiece.model ("sentencepiece"), vocab.json + merges.txt ("bpe"), vocab.txt ("wordpiece")."""
+    path = files.get("tokenizer.json", required=False)
+    if path is not None:
+        return "tokenizer.json", [path]
+    path = files.get("tokenizer.model", required=False) or files.get("spiece.model", required=False)
+    if path is not None:
+        return "sentencepiece", [path]
+    vocab, merges = files.get("vocab.json", required=False), files.get("merges.txt", required=False)
+    if vocab is not None and merges is not None:
+        return "bpe", [vocab, merges]
+    vocab = files.get("vocab.txt", required=False)
+    if vocab is not None:
+        return "wordpiece", [vocab]
+    where = "" if files.folder is not None else " (with HF_HUB_OFFLINE set, in the local Hugging Face cache)"
+    raise FileNotFoundError(f"{files.name}: no tokenizer files{where}: looked for {_LOOKED_FOR}")
+
+
+def _load_backend(kind: str, paths: list[Path], cls: str | None, tk_config: dict,
+                  tokens: dict[str, _Token | None], clean_up: bool):
     """The backend for the checkpoint's vocabulary files, and a function to finish it once the
     special tokens have ids (or None)."""
     import tokenizers
     from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-    path = files.get("tokenizer.json", required=False)
-    if path is not None:
-        return _TokenizersBackend(tokenizers.Tokenizer.from_file(str(path)), clean_up), None
+    if kind == "tokenizer.json":
+        return _TokenizersBackend(tokenizers.Tokenizer.from_file(str(paths[0])), clean_up), None
 
-    path = files.get("tokenizer.model", required=False) or files.get("spiece.model", required=False)
-    if path is not None:
-        if cls in _UNSUPPORTED_SENTENCEPIECE_CLASSES:
-            raise ValueError(f"{files.name}: a {cls} from {path.name} alone is not supported ({cls} renumbers the "
-                             "SentencePiece pieces); a checkpoint with tokenizer.json is")
+    if kind == "sentencepiece":
+        path = paths[0]
         python_style = cls in _SENTENCEPIECE_BACKEND_CLASSES
         backend = _SentencePieceBackend(path, python_style=python_style, clean_up=clean_up)
         if cls in (None, "TokenizersBackend"):
@@ -636,9 +650,9 @@ def _load_backend(files: CheckpointFiles, cls: str | None, tk_config: dict, toke
 
         return backend, finish
 
-    vocab, merges = files.get("vocab.json", required=False), files.get("merges.txt", required=False)
-    if vocab is not None and merges is not None:
+    if kind == "bpe":
         # transformers' RobertaTokenizer (also MvpTokenizer and BartTokenizer).
+        vocab, merges = paths
         prefix = bool(tk_config.get("add_prefix_space", False))
         trim = bool(tk_config.get("trim_offsets", True))
         vocab_dict, merge_list = models.BPE.read_file(str(vocab), str(merges))
@@ -656,9 +670,9 @@ def _load_backend(files: CheckpointFiles, cls: str | None, tk_config: dict, toke
 
         return backend, finish
 
-    vocab = files.get("vocab.txt", required=False)
-    if vocab is not None:
+    if kind == "wordpiece":
         # transformers' BertTokenizer.
+        vocab = paths[0]
         unk = tokens["unk_token"].content if tokens["unk_token"] is not None else "[UNK]"
         tok = tokenizers.Tokenizer(models.WordPiece(models.WordPiece.read_file(str(vocab)), unk_token=unk))
         tok.normalizer = normalizers.BertNormalizer(
@@ -679,4 +693,4 @@ def _load_backend(files: CheckpointFiles, cls: str | None, tk_config: dict, toke
 
         return backend, finish
 
-    raise FileNotFoundError(f"{files.name}: no tokenizer files: looked for {_LOOKED_FOR}")
+    raise AssertionError(kind)
