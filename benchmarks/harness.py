@@ -2,10 +2,11 @@
 
 Every (case, mode, backend) becomes one row of the long-format
 results table: time quantiles, TFLOP/s and GB/s with % of the measured peak, speedup over
-the baseline, and max abs error against a float64 reference with the tolerance it is judged
-by (benchmarks/accuracy.py). A backend that cannot run a case is a row with a note, never an
-error; so is every backend of a case whose inputs cannot be built (the hf suite's model
-without transformers). A missing optional library's note says what to install.
+the baseline, peak memory allocated (CUDA), and max abs error against a float64 reference
+with the tolerance it is judged by (benchmarks/accuracy.py). A backend that cannot run a
+case is a row with a note, never an error; so is every backend of a case whose inputs
+cannot be built (the hf suite's model without transformers). A missing optional library's
+note says what to install.
 """
 
 from __future__ import annotations
@@ -71,10 +72,14 @@ def _measure(op, backend, case, mode, inputs, opts) -> dict:
         step, grad_out = mode_step(forward, mode, [inputs[n] for n in op.grad_inputs])
         row["ms_p20"], row["ms_p50"], row["ms_p80"] = timing.time_quantiles(step, opts.device)
         _add_throughput(row, opts.peaks)
+        # One more call, untimed: the outputs whose error is checked, and on CUDA the peak memory.
+        if opts.device == "cuda":
+            outputs = _peak_memory(step, row)
+        elif backend.exact:
+            outputs = step()
         # Checked after timing: the float64 reference is what most likely runs out of
         # memory, and that must not cost the row its times.
         if backend.exact:
-            outputs = step()
             row["dtype"] = str(outputs[0].dtype).removeprefix("torch.")
             row["max_abs_err"] = op.error(case, inputs, outputs, grad_out)
         else:
@@ -82,6 +87,19 @@ def _measure(op, backend, case, mode, inputs, opts) -> dict:
     except SKIPPED as exc:
         _skipped(row, exc, opts)
     return row
+
+
+def _peak_memory(step, row: dict):
+    """step() once more, untimed, setting row["peak_memory_gib"]: the most CUDA memory
+    allocated while it ran, what the case holds included (inputs, the backend's weights and
+    caches). Not over the timed runs: do_bench's L2-flush buffer would count too. Returns
+    the outputs (a CUDA graph's replay allocates nothing: its buffers are not counted)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    outputs = step()
+    torch.cuda.synchronize()
+    row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return outputs
 
 
 def _skipped(row: dict, exc: Exception, opts: RunOptions) -> dict:
@@ -110,7 +128,7 @@ def _new_row(op, backend, case, mode, opts) -> dict:
         "case": case.name, "group": case.group, "x_name": op.x_name, "x": case.x,
         "ms_p20": None, "ms_p50": None, "ms_p80": None,
         "flops": op.flops(case, mode), "bytes": op.nbytes(case, mode), "headline": op.headline,
-        "tflops": None, "tflops_pct_peak": None, "gbps": None, "gbps_pct_peak": None,
+        "tflops": None, "tflops_pct_peak": None, "gbps": None, "gbps_pct_peak": None, "peak_memory_gib": None,
         "speedup": None, "max_abs_err": None, "dtype": None, "tolerance": None, "accuracy_failed": None,
         "config": case.params, "note": "",
         "reproduce": reproduce,

@@ -22,9 +22,11 @@ from benchmarks.summary import (
 
 LEGEND = (
     "Each cell: median time · throughput (% of the measured peak above) · speedup over the "
-    "table's baseline; **accuracy FAIL** marks a row whose error against the float64 reference "
-    "exceeds its tolerance (see Summary). p20/p80 times, both throughputs, errors, tolerances "
-    "and a `reproduce` command for every row are in results.csv and results.json."
+    "table's baseline · on CUDA, the peak memory allocated during one call (everything the case "
+    "holds: inputs, weights, caches); **accuracy FAIL** marks a row whose error against the "
+    "float64 reference exceeds its tolerance (see Summary). p20/p80 times, both throughputs, "
+    "errors, tolerances and a `reproduce` command for every row are in results.csv and "
+    "results.json."
 )
 
 
@@ -158,6 +160,8 @@ def _cell(row: dict) -> str:
     pct = row[f"{metric}_pct_peak"]
     pct_text = "n/a" if pct is None else f"{pct:.0f}%"
     text = f"{number(row['ms_p50'], ' ms')}<br>{number(row[metric])} {unit} ({pct_text})<br>{_ratio(row['speedup'])}"
+    if row.get("peak_memory_gib") is not None:  # measured on CUDA only; older results lack it
+        text += f"<br>{number(row['peak_memory_gib'], ' GiB')} peak"
     if row.get("accuracy_failed"):
         text += f"<br>**accuracy FAIL**: err {number(row['max_abs_err'])} > tol {number(row['tolerance'])}"
     return text

@@ -28,10 +28,11 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 def save(out_dir: Path, metadata: dict, rows: list[dict]) -> None:
     """Write results.json ({"metadata": ..., "rows": [...]}) and results.csv (one row per
-    dict, config as a JSON string) into out_dir."""
+    dict, config as a JSON string, a field a row lacks empty) into out_dir."""
     write_atomic(Path(out_dir) / "results.json", json.dumps({"metadata": metadata, "rows": rows}, indent=1))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [])
+    # Every row's fields: rows of older runs (merged) may lack newer ones, such as peak_memory_gib.
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
     writer.writeheader()
     for row in rows:
         writer.writerow({**row, "config": json.dumps(row["config"], sort_keys=True)})

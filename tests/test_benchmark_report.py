@@ -2,6 +2,7 @@
 kernel: a fake operator for the registry and `run`, and tests/data/results-synthetic.json
 (made-up GPU numbers) for the JSON round trip and the report."""
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -76,6 +77,7 @@ def test_registry_skips_a_backend_that_cannot_import(fake_operator):
     assert rows["tritium"]["ms_p50"] > 0 and rows["tritium"]["max_abs_err"] == 0
     assert rows["eager"]["is_baseline"] and rows["eager"]["speedup"] == 1
     assert rows["tritium"]["speedup"] > 0
+    assert rows["tritium"]["peak_memory_gib"] is None  # measured on CUDA only
 
 
 def test_accuracy_reference_must_be_a_backend(fake_operator):
@@ -134,6 +136,33 @@ def _split_recorded(tmp_path: Path) -> tuple[Path, Path]:
     results.save(tmp_path / "a", metadata, first)
     results.save(tmp_path / "b", {**metadata, "git_commit": "1" * 40}, second)
     return tmp_path / "a" / "results.json", tmp_path / "b"
+
+
+def test_report_shows_peak_memory_where_measured(tmp_path):
+    """A CUDA row's peak memory is in its cell and in results.csv; rows without one (older
+    results, CPU runs) show none, and a csv of both kinds of rows has the column."""
+    metadata, rows = results.load(RECORDED)
+    assert all("peak_memory_gib" not in r for r in rows)
+    rows = [dict(r, peak_memory_gib=12.25) if r["backend"] == "sdpa-flash" else r for r in rows]
+    results.save(tmp_path, metadata, rows)
+    main(["report", str(tmp_path)])
+    cells = [line for line in (tmp_path / "README.md").read_text().splitlines() if "GiB peak" in line]
+    assert len(cells) == 3 and all(line.count("<br>12.2 GiB peak") == 1 for line in cells)
+    assert "peak_memory_gib" not in rows[0]  # csv's columns cannot be the first row's alone
+    with open(tmp_path / "results.csv", newline="") as f:
+        assert sorted(r["peak_memory_gib"] for r in csv.DictReader(f)) == [""] * 3 + ["12.25"] * 3
+
+
+@pytest.mark.gpu
+def test_peak_memory_is_measured_on_cuda(fake_operator):
+    """One untimed call's peak: at least the 32 MiB input and the 32 MiB output it returns."""
+    n = 1 << 23
+    op = dataclasses.replace(fake_operator, baseline={"cuda": "eager", "cpu": "eager"},
+                             cases=lambda device, quick: [operators.Case("n8m", n, "vectors", {"n": n})])
+    opts = harness.RunOptions(device="cuda", quick=True, filter=None, mode=None, peaks={})
+    rows = {r["backend"]: r for r in harness.run_operator(op, opts)}
+    assert rows["tritium"]["peak_memory_gib"] >= 2 * 4 * n / 2**30
+    assert rows["fastattn"]["peak_memory_gib"] is None
 
 
 def test_report_merges_runs_of_one_device(tmp_path):

@@ -3,6 +3,10 @@
 import json
 import sys
 
+import pytest
+import torch
+
+from benchmarks import harness, timing
 from benchmarks.__main__ import main
 from tritium.bench.operators import install_hint
 
@@ -54,3 +58,85 @@ def test_install_hint_names_the_extra_or_package():
     assert "FlexAttention" in install_hint(ModuleNotFoundError(name="torch.nn.attention.flex_attention"))
     assert install_hint(ModuleNotFoundError(name="fastattn")) is None
     assert install_hint(ImportError("cannot import name 'x' from 'transformers'", name="transformers")) is None
+
+
+def _rows(folder) -> dict:
+    return {(r["kernel"], r["backend"]): r for r in json.loads((folder / "results.json").read_text())["rows"]}
+
+
+def test_models_suite_runs_every_operator_on_cpu(tmp_path, monkeypatch):
+    """Each operator's tiny CPU case (Gemma 2 prefill, GLM-4 decode, Gemma 3 NF4 decode; the
+    interpreted NF4 prefill has none): tritium's compact model within tolerance of float64
+    transformers holding the same weights, the CUDA-only backends skipped saying so, and no
+    peak memory on CPU."""
+    monkeypatch.setattr(timing, "CPU_REPEATS", 1)  # an interpreted forward takes about a second
+    assert main(["run", "--suite", "models", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path)
+    assert {kernel for kernel, _ in rows} == {"models_prefill", "models_decode", "models_decode_nf4"}
+    for kernel in ("models_prefill", "models_decode", "models_decode_nf4"):
+        ours = rows[kernel, "tritium"]
+        assert ours["ms_p50"] > 0 and ours["accuracy_failed"] is False and ours["max_abs_err"] < 1e-5, ours
+        assert ours["peak_memory_gib"] is None and ours["speedup"] > 0
+    for key in (("models_prefill", "hf-eager"), ("models_decode", "hf-eager"), ("models_decode", "hf-sdpa"),
+                ("models_decode_nf4", "hf-eager-dequantized")):
+        assert rows[key]["accuracy_failed"] is False, rows[key]
+    assert rows["models_prefill", "hf-sdpa"]["note"].startswith("skipped: Unsupported: SDPA cannot apply the attention "
+                                                               "softcap (50)")
+    assert rows["models_decode", "hf-static-compiled"]["note"].endswith("benchmarked on CUDA only")
+    assert rows["models_decode_nf4", "hf-bnb-nf4"]["note"] == "skipped: Unsupported: bitsandbytes' NF4 is " \
+                                                              "benchmarked on CUDA only"
+    assert rows["models_decode_nf4", "hf-eager-dequantized"]["is_baseline"]
+    assert rows["models_decode", "tritium"]["x_name"] == "batch" and rows["models_decode", "tritium"]["x"] == 2
+
+
+def test_models_suite_without_transformers_times_tritium(tmp_path, monkeypatch):
+    """The base install: the compact model needs no transformers, so tritium is timed; its
+    float64 reference and every transformers row say what to install."""
+    monkeypatch.setattr(timing, "CPU_REPEATS", 1)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert main(["run", "--suite", "models", "--filter", "prefill", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path)
+    hint = 'install transformers (pip install "tritium[hf]")'
+    assert rows["models_prefill", "tritium"]["ms_p50"] > 0
+    assert rows["models_prefill", "tritium"]["note"] == f"accuracy not checked: {hint}"
+    assert rows["models_prefill", "hf-eager"]["note"] == rows["models_prefill", "hf-sdpa"]["note"] == f"skipped: {hint}"
+
+
+def test_models_suite_shapes_are_transformers_shapes():
+    """The real checkpoints' configs give the compact model and transformers' model the same
+    tensors (names and shapes, built on the meta device) and the same layer types."""
+    import transformers
+
+    from tritium.bench import models
+    from tritium.models import MODEL_TYPES
+
+    for name, raw in models.MODELS.items():
+        config_from_hf, model_class = MODEL_TYPES[raw["model_type"]]
+        config = config_from_hf(raw)
+        ours = model_class(config, dtype=torch.bfloat16, device="meta")
+        hf_config = transformers.AutoConfig.for_model(**raw)
+        with torch.device("meta"):
+            theirs = getattr(transformers, models.HF_CLASSES[raw["model_type"]])(hf_config)
+        shapes = {key: tuple(t.shape) for key, t in models._shared_state(ours).items()}
+        assert shapes == {key: tuple(t.shape) for key, t in theirs.state_dict().items()}, name
+        assert getattr(hf_config, "layer_types", config.layer_types) == config.layer_types, name
+    assert sum(t.numel() for t in ours.parameters()) == pytest.approx(1.0e9, rel=0.01)  # Gemma 3 1B
+
+
+@pytest.mark.gpu
+def test_models_suite_tiny_cases_on_cuda():
+    """The CUDA paths on tiny models: tritium's decode replayed from a CUDA graph, transformers'
+    static cache compiled, bitsandbytes' NF4, peak memory."""
+    from tritium.bench import models
+    from tritium.bench.operators import operators
+
+    opts = harness.RunOptions(device="cuda", quick=True, filter=None, mode=None, peaks={})
+    ops = {op.name: op for op in operators("models")}
+    rows = {}
+    for kernel, nf4 in (("models_decode", False), ("models_decode_nf4", True)):
+        case = models._case("glm-4-tiny", "decode", 2, nf4)
+        rows.update({(kernel, r["backend"]): r for r in harness._run_case(ops[kernel], case, "decode", opts)})
+    for key in (("models_decode", "tritium"), ("models_decode", "hf-static-compiled"), ("models_decode_nf4", "tritium")):
+        assert rows[key]["accuracy_failed"] is False and rows[key]["peak_memory_gib"] > 0, rows[key]
+    bnb = rows["models_decode_nf4", "hf-bnb-nf4"]  # skipped only for a missing library
+    assert bnb["ms_p50"] is not None or "install" in bnb["note"], bnb

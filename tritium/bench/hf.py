@@ -162,11 +162,12 @@ def _prefill(implementation: str):
     return setup
 
 
-def _snapshot(cache) -> list[tuple]:
+def snapshot_cache(cache) -> list[tuple]:
+    """The tensors a transformers DynamicCache holds, per layer (references, no copy)."""
     return [(layer.keys, layer.values, getattr(layer, "cumulative_length", None)) for layer in cache.layers]
 
 
-def _restore(cache, saved: list[tuple]) -> None:
+def restore_cache(cache, saved: list[tuple]) -> None:
     """Put the cache back to the prefilled state (tensor references: no copy)."""
     for layer, (keys, values, length) in zip(cache.layers, saved, strict=True):
         layer.keys, layer.values = keys, values
@@ -185,10 +186,10 @@ def _decode(implementation: str):
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
             model(input_ids=ids[:, :-1], past_key_values=cache, logits_to_keep=1)
-        saved = _snapshot(cache)
+        saved = snapshot_cache(cache)
 
         def run():
-            _restore(cache, saved)
+            restore_cache(cache, saved)
             with torch.no_grad():
                 return model(input_ids=ids[:, -1:], past_key_values=cache).logits
 
