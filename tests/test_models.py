@@ -86,6 +86,23 @@ def test_greedy_generation_step_by_step(checkpoints, family, backend):
     assert_same_generation(got, expected)
 
 
+@pytest.mark.parametrize("options", [dict(num_beams=3), dict(num_beams=2, length_penalty=0.5, no_repeat_ngram_size=2,
+                                                                early_stopping=True)])
+def test_beam_search_as_transformers(checkpoints, options):
+    """Beam search in a padded batch: the returned beams and every step's logits (all
+    beams, in the order they ran) as transformers'; with an eos the model reaches, so beams
+    finish at different lengths."""
+    hf, folder = checkpoints["glm4"]
+    ours = tritium.models.load(folder, dtype=torch.float32, device="cpu", attn_implementation="eager")
+    ids, mask = padded_batch(seqlen=7)
+    free = ours.generate(ids, 5, attention_mask=mask, eos_token_id=[])
+    eos = [int(free[0, 9])]
+    got = ours.generate(ids, 5, attention_mask=mask, eos_token_id=eos, pad_token_id=0, return_logits=True, **options)
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True, eos_token_id=eos, pad_token_id=0, **options)
+    assert_same_generation(got, expected)
+
+
 def test_rows_stop_at_any_eos(checkpoints):
     """GLM-4 stops on any of several eos ids; a finished row is padded while the other
     goes on, as transformers does."""

@@ -467,7 +467,7 @@ def _tritium_decode(kind: str):
         def eager(tokens, positions):
             return model(tokens, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
 
-        step = CapturedStep(model, cache, batch, eager) if ids.is_cuda else eager
+        step = CapturedStep(eager, cache, batch, ids.device) if ids.is_cuda else eager
         tokens, positions = ids[:, -1:], torch.full((batch, 1), context, device=ids.device)
 
         def run():

@@ -1,13 +1,16 @@
-"""Compact model modules, one file per family (Gemma 2 and Gemma 3 text, GLM-4; MVP,
-BigBird-Pegasus, BertGeneration to come), built on tritium's kernels, plus the layers they
+"""Compact model modules, one file per family (Gemma 2 and Gemma 3 text, GLM-4, MVP,
+BertGeneration; BigBird-Pegasus to come), built on tritium's kernels, plus the layers they
 share. `load` reads a Hugging Face checkpoint into one, `load_tokenizer` its tokenizer."""
 
 from tritium.models.auto import MODEL_TYPES, load
+from tritium.models.bert_generation import BertGenerationDecoder, BertGenerationEncoder, EncoderDecoderModel
 from tritium.models.cache import StaticCache
 from tritium.models.gemma2 import Gemma2ForCausalLM
 from tritium.models.generate import GenerateOutput, generate
 from tritium.models.glm4 import Glm4ForCausalLM
+from tritium.models.mvp import MvpForConditionalGeneration
 from tritium.models.tokenizer import Tokenizer, TokenizerDecodeStream, load_tokenizer
 
-__all__ = ["MODEL_TYPES", "GenerateOutput", "Gemma2ForCausalLM", "Glm4ForCausalLM", "StaticCache", "Tokenizer",
+__all__ = ["MODEL_TYPES", "BertGenerationDecoder", "BertGenerationEncoder", "EncoderDecoderModel", "GenerateOutput",
+           "Gemma2ForCausalLM", "Glm4ForCausalLM", "MvpForConditionalGeneration", "StaticCache", "Tokenizer",
            "TokenizerDecodeStream", "generate", "load", "load_tokenizer"]

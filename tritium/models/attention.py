@@ -49,7 +49,7 @@ class Step:
     cache: StaticCache | None = None
 
 
-def sdpa(q, k, v, *, causal, window_size, softcap, softmax_scale, key_padding_mask):
+def sdpa(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, softmax_scale=None, key_padding_mask=None):
     """tritium's attention semantics on torch's SDPA (same arguments as
     tritium.reference.attention, no softcap)."""
     if softcap:
@@ -67,6 +67,38 @@ def sdpa(q, k, v, *, causal, window_size, softcap, softmax_scale, key_padding_ma
 
 
 ATTEND = {"tritium": flash_attention, "sdpa": sdpa, "eager": reference.attention}
+
+
+def attend(backend: str, q, k, v, *, cache: StaticCache | None = None, layer: int = 0, key_padding_mask=None,
+           **options) -> torch.Tensor:
+    """Attention of q (batch, seqlen_q, heads, head_dim) over k, v with `backend`; options
+    as tritium.flash_attention's (causal, window_size, softcap, softmax_scale).
+
+    With a cache, k and v (this call's new keys) are first written into its layer `layer`
+    at its start, and q attends to every filled row; key_padding_mask then spans the cache
+    (batch, max_seqlen). tritium runs the flash kernel when the cache is empty (a prefill)
+    and the cache kernel otherwise (a captured step's start is a tensor)."""
+    if cache is None:
+        return ATTEND[backend](q, k, v, key_padding_mask=key_padding_mask, **options)
+    k_cache, v_cache, start = cache.keys[layer], cache.values[layer], cache.start
+    if backend == "tritium" and not (isinstance(start, int) and start == 0):
+        return flash_attention_with_kvcache(q, k_cache, v_cache, start, k=k, v=v, key_padding_mask=key_padding_mask,
+                                            **options)
+    end = start + q.shape[1]
+    k_cache[:, start:end], v_cache[:, start:end] = k, v
+    mask = None if key_padding_mask is None else key_padding_mask[:, :end]
+    return ATTEND[backend](q, k_cache[:, :end], v_cache[:, :end], key_padding_mask=mask, **options)
+
+
+def attend_fixed(backend: str, q, k, v, *, key_padding_mask=None, softmax_scale: float) -> torch.Tensor:
+    """Non-causal attention over keys computed once (cross-attention over an encoder's
+    output): tritium's split-KV cache kernel when nothing needs a gradient (a decode step's
+    few queries against many keys), else the backend's attention."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if backend == "tritium" and not needs_grad:
+        return flash_attention_with_kvcache(q, k, v, k.shape[1], causal=False, key_padding_mask=key_padding_mask,
+                                            softmax_scale=softmax_scale)
+    return ATTEND[backend](q, k, v, causal=False, key_padding_mask=key_padding_mask, softmax_scale=softmax_scale)
 
 
 class SelfAttention(nn.Module):
@@ -101,21 +133,7 @@ class SelfAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, k, step.position_ids)
-        out = self._attend(q, k, v, step, layer)
-        return self.o_proj(out.reshape(batch, seqlen, self.heads * self.head_dim))
-
-    def _attend(self, q, k, v, step: Step, layer: int) -> torch.Tensor:
         options = dict(causal=True, window_size=self.window, softcap=self.softcap, softmax_scale=self.softmax_scale)
-        attend, cache, mask = ATTEND[self.backend], step.cache, step.key_padding_mask
-        if cache is None:
-            return attend(q, k, v, key_padding_mask=mask, **options)
-        k_cache, v_cache, start = cache.keys[layer], cache.values[layer], cache.start
-        if self.backend == "tritium" and not (isinstance(start, int) and start == 0):
-            # Decode (a captured step's start is a tensor): the kernel appends k, v at start.
-            return flash_attention_with_kvcache(q, k_cache, v_cache, start, k=k, v=v, key_padding_mask=mask, **options)
-        end = start + q.shape[1]
-        k_cache[:, start:end], v_cache[:, start:end] = k, v
-        # The prefill (tritium: the flash kernel over the prompt), and every step of the
-        # reference backends: attention over the filled prefix of the cache.
-        mask = None if mask is None else mask[:, :end]
-        return attend(q, k_cache[:, :end], v_cache[:, :end], key_padding_mask=mask, **options)
+        out = attend(self.backend, q, k, v, cache=step.cache, layer=layer, key_padding_mask=step.key_padding_mask,
+                     **options)
+        return self.o_proj(out.reshape(batch, seqlen, self.heads * self.head_dim))

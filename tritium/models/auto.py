@@ -4,21 +4,26 @@ compact tritium model, by its config.json's model_type."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
-from tritium.models import gemma2, glm4
+from tritium.models import bert_generation, gemma2, glm4, mvp
 from tritium.models.attention import check_backend
-from tritium.models.checkpoint import load_weights, weight_files
+from tritium.models.checkpoint import Reader, load_weights, weight_files
 from tritium.models.config import ids, read_json
+from tritium.models.decoder import DecoderLM
 from tritium.models.hub import CheckpointFiles
 
-# model_type -> (config.json -> DecoderConfig, model class)
 MODEL_TYPES = {
     "gemma2": (gemma2.config_from_hf, gemma2.Gemma2ForCausalLM),
     "gemma3_text": (gemma2.config_from_hf, gemma2.Gemma2ForCausalLM),
     "glm4": (glm4.config_from_hf, glm4.Glm4ForCausalLM),
+    "mvp": (mvp.config_from_hf, mvp.MvpForConditionalGeneration),
+    "bert-generation": (bert_generation.config_from_hf, bert_generation.model_class),
+    "encoder-decoder": (bert_generation.config_from_hf, bert_generation.model_class),
 }
+# model_type -> (config.json -> config, the model class or a function of config.json giving it)
 
 
 def default_device() -> torch.device:
@@ -27,7 +32,8 @@ def default_device() -> torch.device:
 
 def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
          device: torch.device | str | None = None, attn_implementation: str = "tritium",
-         quantization: str | None = None, revision: str | None = None, allow_pickle: bool = False):
+         quantization: str | None = None, revision: str | None = None, allow_pickle: bool = False,
+         model_class: type | None = None):
     """Load a checkpoint as a tritium model, in eval mode.
 
     path_or_repo_id: a folder holding config.json and safetensors weights (one file, or
@@ -43,6 +49,8 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloa
         bitsandbytes NF4 checkpoint loads as it is, with or without it.
     allow_pickle: read pickle weights (pytorch_model.bin), which can run code; refused
         otherwise.
+    model_class: the class to load into (e.g. BertGenerationEncoder for a BERT
+        checkpoint); default: the one config.json's model_type names.
 
     Returns the model (model.config is its DecoderConfig). Raises ValueError for an
     unknown model_type and for a checkpoint whose tensors do not fit its config (every
@@ -55,23 +63,40 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloa
     files = CheckpointFiles(path_or_repo_id, revision)
     raw = read_json(files.get("config.json"))
     model_type = raw.get("model_type")
+    if model_class is not None and model_type == "bert":
+        model_type = "bert-generation"  # a plain BERT checkpoint, warm-starting a BertGeneration
     if model_type not in MODEL_TYPES:
         raise ValueError(f"{files.name}: model_type {model_type!r} has no compact tritium model; supported: "
                          f"{sorted(MODEL_TYPES)}")
-    config_from_hf, model_class = MODEL_TYPES[model_type]
+    config_from_hf, default_class = MODEL_TYPES[model_type]
     config = config_from_hf(raw)
+    if model_class is None:
+        model_class = default_class if isinstance(default_class, type) else default_class(raw)
     # transformers' generate stops on generation_config.json's eos ids (Gemma 2: <eos> and
     # <end_of_turn>), which may be more than config.json's.
     generation = read_json(files.get("generation_config.json", required=False))
     if generation.get("eos_token_id") is not None:
         config.eos_token_ids = ids(generation["eos_token_id"])
+    for key in ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id"):
+        if generation.get(key) is not None and hasattr(config, key):
+            setattr(config, key, generation[key])
     check_backend(attn_implementation, config.attn_softcap)
-    paths = weight_files(files, allow_pickle=allow_pickle)
     device = torch.device(device) if device is not None else default_device()
+    reader = Reader(weight_files(files, allow_pickle=allow_pickle), device,
+                    getattr(model_class, "CHECKPOINT_RENAMES", ()), getattr(model_class, "UNUSED_KEYS", ()))
+    if reader.unused:
+        warnings.warn(f"{files.name}: {len(reader.unused)} tensors of the checkpoint are not used by "
+                      f"{model_class.__name__}: {', '.join(reader.unused[:8])}{' ...' if len(reader.unused) > 8 else ''}",
+                      stacklevel=2)
+    if hasattr(model_class, "fit_checkpoint"):
+        config = model_class.fit_checkpoint(config, reader.shapes.keys())
     quantized = quantization == "nf4" or _is_nf4(raw)
-    model = model_class(config, quantization="nf4" if quantized else None, dtype=dtype, device="meta")
+    if quantized and not issubclass(model_class, DecoderLM):
+        raise ValueError(f"quantization: NF4 is for the decoder-only models, not {model_type}")
+    options = dict(quantization="nf4") if quantized else {}
+    model = model_class(config, dtype=dtype, device="meta", **options)
     dense = model_class(config, dtype=dtype, device="meta") if quantized else model
-    load_weights(model, dense, paths, name=files.name, dtype=dtype, device=device, quantize=quantization == "nf4")
+    load_weights(model, dense, reader, name=files.name, dtype=dtype, quantize=quantization == "nf4")
     model.set_attn_implementation(attn_implementation)
     return model.eval()
 

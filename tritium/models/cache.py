@@ -62,5 +62,12 @@ class StaticCache:
         self.length += new_tokens
         self.lengths.fill_(self.length)
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i takes row index[i]'s keys, values and mask (beam search), in place: the
+        buffers keep their addresses (a captured step reads them)."""
+        for t in (*self.keys, *self.values):
+            t[:, : self.length] = t[:, : self.length].index_select(0, index)
+        self.key_padding_mask.copy_(self.key_padding_mask.index_select(0, index))
+
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

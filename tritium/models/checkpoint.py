@@ -49,40 +49,59 @@ def weight_files(files: CheckpointFiles, *, allow_pickle: bool = False) -> list:
 
 
 class Reader:
-    """Shapes and tensors of a set of weight files, by key."""
+    """Shapes and tensors of a set of weight files, by the model's key for each.
 
-    def __init__(self, paths: list, device: torch.device):
-        self.device, self.where, self.shapes, self.pickled = device, {}, {}, {}
+    renames: (pattern, replacement) regex substitutions from the checkpoint's names to the
+    model's, applied in order; unused: patterns of checkpoint names the model does not use
+    (a BERT checkpoint's pooler), left out and listed in `unused`."""
+
+    def __init__(self, paths: list, device: torch.device, renames=(), unused=()):
+        self.device, self.where, self.shapes, self.pickled, self.unused = device, {}, {}, {}, []
         from safetensors import safe_open
 
         for path in paths:
             if str(path).endswith(".bin"):
                 tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 self.pickled.update(tensors)
-                for key, t in tensors.items():
-                    self.where[key], self.shapes[key] = path, tuple(t.shape)
-                continue
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    self.where[key], self.shapes[key] = path, tuple(f.get_slice(key).get_shape())
+                shapes = {key: tuple(t.shape) for key, t in tensors.items()}
+            else:
+                with safe_open(str(path), framework="pt") as f:
+                    shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            for key, shape in shapes.items():
+                if any(re.search(pattern, key) for pattern in unused):
+                    self.unused.append(key)
+                    continue
+                ours = key
+                for pattern, replacement in renames:
+                    ours = re.sub(pattern, replacement, ours)
+                self.where.setdefault(ours, (path, key))
+                self.shapes.setdefault(ours, shape)
 
     def tensors(self, keys: set[str]):
         """(key, tensor on the device) for each of `keys`, one file open at a time."""
         from safetensors import safe_open
 
-        for path in dict.fromkeys(self.where[k] for k in keys):
-            wanted = [k for k in keys if self.where[k] == path]
+        for path in dict.fromkeys(self.where[k][0] for k in keys):
+            wanted = [k for k in keys if self.where[k][0] == path]
             if str(path).endswith(".bin"):
-                yield from ((k, self.pickled[k].to(self.device)) for k in wanted)
+                yield from ((k, self.pickled[self.where[k][1]].to(self.device)) for k in wanted)
                 continue
             device = "cpu" if self.device.type == "cpu" else str(self.device)
             with safe_open(str(path), framework="pt", device=device) as f:
-                yield from ((k, f.get_tensor(k)) for k in wanted)
+                yield from ((k, f.get_tensor(self.where[k][1])) for k in wanted)
 
 
 def nf4_keys(shapes: dict) -> set[str]:
     """The weight keys ("....weight") a checkpoint stores in bitsandbytes' NF4 format."""
     return {k[: -len(QUANT_STATE + "nf4")] for k in shapes if k.endswith(QUANT_STATE + "nf4")}
+
+
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """The names under which one parameter appears more than once (tied embeddings)."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
 
 
 def check_keys(name: str, expected: dict, found: dict, nf4_weights: set[str], ignored: set[str]) -> None:
@@ -104,18 +123,21 @@ def check_keys(name: str, expected: dict, found: dict, nf4_weights: set[str], ig
                          + "; ".join(problems))
 
 
-def load_weights(model: nn.Module, dense: nn.Module, paths: list, *, name: str, dtype: torch.dtype,
-                 device: torch.device, quantize: bool) -> None:
-    """Fill `model` (built on the meta device) from the weight files `paths`.
+def load_weights(model: nn.Module, dense: nn.Module, reader: Reader, *, name: str, dtype: torch.dtype,
+                 quantize: bool) -> None:
+    """Fill `model` (built on the meta device) from the weight files of `reader`.
 
     dense: the same architecture without quantization, on the meta device: its state dict
     is what the checkpoint must hold. Floating tensors are cast to dtype except NF4 state;
     with quantize, the weights of `model`'s NF4Linear layers are quantized as they load."""
-    reader = Reader(paths, device)
+    device = reader.device
     expected = {k: tuple(v.shape) for k, v in dense.state_dict().items()}
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    for key in tied:
+    groups = tied_groups(dense)
+    # A tied parameter is read once, under the first of its names the checkpoint holds.
+    skipped = {n for names in groups for n in names if n != next((m for m in names if m in reader.shapes), names[0])}
+    for key in skipped:
         expected.pop(key, None)
+    tied = skipped & reader.shapes.keys()
     nf4_weights = nf4_keys(reader.shapes)
     check_keys(name, expected, reader.shapes, nf4_weights, ignored=tied)
     to_quantize = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, NF4Linear)} - nf4_weights
@@ -138,8 +160,11 @@ def load_weights(model: nn.Module, dense: nn.Module, paths: list, *, name: str, 
         unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
         if unexpected:
             raise ValueError(f"{name}: the model has no place for {unexpected[:SHOWN]}")
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    for names in groups:  # assign=True gave each loaded name its own parameter: tie them again
+        loaded = next(model.get_parameter(n) for n in names if n not in skipped)
+        for other in names:
+            module, _, leaf = other.rpartition(".")
+            setattr(model.get_submodule(module), leaf, loaded)
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers(device, dtype)

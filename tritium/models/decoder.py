@@ -14,7 +14,7 @@ from tritium import reference
 from tritium.models.attention import SelfAttention, Step, check_backend
 from tritium.models.cache import StaticCache
 from tritium.models.config import DecoderConfig
-from tritium.models.generate import generate
+from tritium.models.generate import Session, check_length, decode_step, expand, generate
 from tritium.models.mlp import GatedMLP, Linear
 from tritium.models.nf4_linear import NF4Linear
 from tritium.models.norms import RMSNorm
@@ -204,3 +204,31 @@ class DecoderLM(nn.Module):
         """The prompt followed by up to max_new_tokens new tokens; see
         tritium.models.generate.generate for the options."""
         return generate(self, input_ids, max_new_tokens, **options)
+
+    def start_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, beams: int,
+                         max_new_tokens: int, cuda_graph: bool | None) -> Session:
+        """The prefill of a generation: every prompt (repeated `beams` times) into a static
+        cache sized for it, positions counted over the real tokens as transformers counts
+        them for left padding; then one token per step."""
+        check_length("the prompt plus max_new_tokens", input_ids.shape[1] + max_new_tokens,
+                     self.config.max_position_embeddings)
+        ids, mask = expand(input_ids.long(), beams), expand(attention_mask, beams)
+        cache = self.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        logits = self(ids, mask, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
+        def run(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return self(tokens, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
+
+        decode, position = decode_step(self, cache, ids.shape[0], cuda_graph, run), positions[:, -1:]
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            nonlocal position
+            position = position + 1
+            return decode(tokens[:, None], position)
+
+        def reorder(index: torch.Tensor) -> None:
+            nonlocal position
+            cache.reorder(index)
+            position = position[index]
+
+        return Session(ids, logits, step, reorder)
