@@ -261,6 +261,9 @@ def test_sentencepiece_gemma_matches_transformers(gemma_spm_folder):
 
 
 @pytest.mark.skipif(not has_protobuf(), reason="transformers needs protobuf to convert a SentencePiece model")
+@pytest.mark.skipif(tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (5, 24),
+                    reason="before 5.24 transformers converted a SentencePiece model that names no tokenizer class "
+                           "with another dummy-prefix split; tritium follows 5.24's conversion")
 @pytest.mark.parametrize("model_type,add", [("unigram", True), ("bpe", False)])
 def test_sentencepiece_generic_matches_transformers(tmp_path, model_type, add):
     """A tokenizer.model with SentencePiece's default normalization (NFKC, dummy prefix, extra
