@@ -72,6 +72,15 @@ def assert_same_generation(ours, theirs):
         assert_logits_close(reference, mine)
 
 
+def assert_generates_as_transformers(ours, hf, ids, mask, new_tokens: int, **options):
+    """Our generate and transformers' with the same options: tokens and every step's logits."""
+    got = ours.generate(ids, new_tokens, attention_mask=mask, return_logits=True, **options)
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True, **options)
+    assert_same_generation(got, expected)
+    return got
+
+
 @pytest.mark.parametrize("family,backend", [("gemma2", "tritium"), ("gemma3", "tritium"), ("glm4", "tritium"),
                                             ("gemma3", "sdpa")])
 def test_greedy_generation_step_by_step(checkpoints, family, backend):
@@ -96,11 +105,7 @@ def test_beam_search_as_transformers(checkpoints, options):
     ours = tritium.models.load(folder, dtype=torch.float32, device="cpu", attn_implementation="eager")
     ids, mask = padded_batch(seqlen=7)
     free = ours.generate(ids, 5, attention_mask=mask, eos_token_id=[])
-    eos = [int(free[0, 9])]
-    got = ours.generate(ids, 5, attention_mask=mask, eos_token_id=eos, pad_token_id=0, return_logits=True, **options)
-    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True,
-                           return_dict_in_generate=True, eos_token_id=eos, pad_token_id=0, **options)
-    assert_same_generation(got, expected)
+    assert_generates_as_transformers(ours, hf, ids, mask, 5, eos_token_id=[int(free[0, 9])], pad_token_id=0, **options)
 
 
 def test_rows_stop_at_any_eos(checkpoints):
@@ -111,10 +116,7 @@ def test_rows_stop_at_any_eos(checkpoints):
     ids, mask = padded_batch(seqlen=9)
     free = ours.generate(ids, 5, attention_mask=mask, eos_token_id=[])
     eos = [int(free[0, 10]), 99 if int(free[0, 10]) != 99 else 98]  # row 0 stops at its second new token
-    got = ours.generate(ids, 5, attention_mask=mask, eos_token_id=eos, pad_token_id=0, return_logits=True)
-    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True,
-                           return_dict_in_generate=True, eos_token_id=eos, pad_token_id=0)
-    assert_same_generation(got, expected)
+    got = assert_generates_as_transformers(ours, hf, ids, mask, 5, eos_token_id=eos, pad_token_id=0)
     assert got.sequences[0, 11:].eq(0).all() and not torch.equal(got.sequences, free)
 
 

@@ -6,7 +6,7 @@ rounding (1e-4 of their scale), generation token for token and step by step."""
 import pytest
 import torch
 from test_hf import SEQ2SEQ, assert_logits_close
-from test_models import assert_same_generation
+from test_models import assert_generates_as_transformers
 from transformers import MvpConfig, MvpForConditionalGeneration
 from transformers.models.mvp.modeling_mvp import MvpEncoder
 
@@ -120,11 +120,7 @@ def test_generation_step_by_step(checkpoints, family, backend, options):
     logits as transformers' (forced eos at the last step included)."""
     hf, folder = checkpoints[family]
     ours = load(folder, backend)
-    ids, mask = source_batch()
-    got = ours.generate(ids, 6, attention_mask=mask, return_logits=True, **options)
-    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True,
-                           return_dict_in_generate=True, **options)
-    assert_same_generation(got, expected)
+    assert_generates_as_transformers(ours, hf, *source_batch(), 6, **options)
 
 
 def test_lightweight_tuning(checkpoints):
@@ -204,11 +200,26 @@ def test_bert2bert_training_step(bert2bert_checkpoint):
 def test_bert2bert_generation(bert2bert_checkpoint, backend, options):
     hf, folder = bert2bert_checkpoint
     ours = load(folder, backend)
+    assert_generates_as_transformers(ours, hf, *source_batch(), 5, **options)
+
+
+def test_bert_generation_decoder_alone(tmp_path):
+    """BertGenerationDecoder as a causal LM (no cross-attention): logits in a padded batch
+    and the next-token loss, as transformers'."""
+    from transformers import BertGenerationConfig, BertGenerationDecoder
+
+    torch.manual_seed(5)
+    hf = BertGenerationDecoder(BertGenerationConfig(**BERT, is_decoder=True)).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load(tmp_path)
+    assert type(ours).__name__ == "BertGenerationDecoder"
     ids, mask = source_batch()
-    got = ours.generate(ids, 5, attention_mask=mask, return_logits=True, **options)
-    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True,
-                           return_dict_in_generate=True, **options)
-    assert_same_generation(got, expected)
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, labels=labels)
+        got = ours(ids, mask, labels=labels)
+    assert_logits_close(expected.logits, got.logits, valid=mask)
+    assert abs(got.loss.item() - expected.loss.item()) <= 1e-5 * abs(expected.loss.item())
 
 
 def test_encoder_from_a_plain_bert_checkpoint(tmp_path):

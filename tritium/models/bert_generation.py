@@ -102,8 +102,7 @@ class BertGenerationEncoder(BertStack):
         self.attn_implementation = name
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        x = self.embed(input_ids, positions)
+        x = self.embed(input_ids, self.positions(input_ids))
         mask = None if attention_mask is None else attention_mask.bool()
         for layer in self.layers:
             x = layer(x, mask=mask)
@@ -142,8 +141,7 @@ class BertGenerationDecoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 labels: torch.Tensor | None = None) -> Seq2SeqLMOutput:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        x = self.bert.embed(input_ids, positions)
+        x = self.bert.embed(input_ids, self.bert.positions(input_ids))
         mask = None if attention_mask is None else attention_mask.bool()
         for layer in self.bert.layers:
             x = layer(x, mask=mask)

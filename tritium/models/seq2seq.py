@@ -227,6 +227,13 @@ class Stack(nn.Module):
         self.scale = d**0.5 if config.scale_embedding else 1.0
         self.offset, self.dropout = config.position_offset, config.dropout
 
+    def positions(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Positions start .. start + seqlen of each row of ids (batch, seqlen), checked
+        against the table."""
+        end = start + ids.shape[1]
+        check_length("the sequence", end, self.embed_positions.num_embeddings - self.offset)
+        return torch.arange(start, end, device=ids.device).expand_as(ids)
+
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """ids, positions: (batch, seqlen) -> (batch, seqlen, d_model)."""
         x = self.embed_tokens(ids) * self.scale + self.embed_positions(positions + self.offset)
@@ -290,8 +297,7 @@ class EncoderDecoderLM(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The encoder's output (batch, seqlen, d_model)."""
         encoder = self.encoder_stack
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        x = encoder.embed(input_ids, positions)
+        x = encoder.embed(input_ids, encoder.positions(input_ids))
         mask = None if attention_mask is None else attention_mask.bool()
         prompts = encoder.prompts() or [None] * len(encoder.layers)
         for layer, prompt in zip(encoder.layers, prompts):
@@ -316,9 +322,7 @@ class EncoderDecoderLM(nn.Module):
         at `positions` (default: from the cache's length, 0 without one)."""
         decoder = self.decoder_stack
         if positions is None:
-            start = 0 if cache is None else cache.length - self.prompt_rows()
-            positions = torch.arange(start, start + decoder_input_ids.shape[1], device=decoder_input_ids.device)
-            positions = positions.expand_as(decoder_input_ids)
+            positions = decoder.positions(decoder_input_ids, 0 if cache is None else cache.length - self.prompt_rows())
         x = decoder.embed(decoder_input_ids, positions)
         mask = None if decoder_attention_mask is None else decoder_attention_mask.bool()
         prompts = decoder.prompts() if cache is None else None
