@@ -3,6 +3,8 @@ models (with and without task prompts) built in transformers, saved, loaded with
 tritium.models.load. float32 on both sides: logits, loss and gradients agree to float32
 rounding (1e-4 of their scale), generation token for token and step by step."""
 
+import warnings
+
 import pytest
 import torch
 from test_hf import SEQ2SEQ, assert_logits_close
@@ -236,3 +238,72 @@ def test_encoder_from_a_plain_bert_checkpoint(tmp_path):
     ids, mask = source_batch()
     with torch.no_grad():
         assert_logits_close(theirs(input_ids=ids, attention_mask=mask).last_hidden_state, ours(ids, mask))
+
+
+# ----------------------------------------------------------------------------- BigBird-Pegasus
+
+# block_size 16, one random block: block-sparse runs past (5 + 2) * 16 = 112 tokens.
+BIGBIRD = dict(SEQ2SEQ, max_position_embeddings=256, attention_type="block_sparse", block_size=16,
+               num_random_blocks=1, init_std=0.2)
+
+
+@pytest.fixture(scope="module")
+def bigbird_checkpoint(tmp_path_factory):
+    from transformers import BigBirdPegasusConfig, BigBirdPegasusForConditionalGeneration
+
+    torch.manual_seed(6)
+    model = BigBirdPegasusForConditionalGeneration(BigBirdPegasusConfig(**BIGBIRD)).eval()
+    folder = tmp_path_factory.mktemp("bigbird_pegasus")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def test_bigbird_pegasus_block_sparse_and_short_inputs(bigbird_checkpoint):
+    """A 120-token padded batch (padded to 128 inside, block-sparse), then a 40-token one
+    (full attention, said once), then 120 tokens again: block-sparse again, where
+    transformers would have stayed on full attention (it is switched back here)."""
+    hf, folder = bigbird_checkpoint
+    ours = load(folder)
+    target = torch.randint(3, 100, (2, 5))
+    for seqlen in (120, 40, 120):
+        hf.model.encoder.set_attention_type("block_sparse")
+        ids, mask = source_batch(seqlen)
+        with torch.no_grad(), warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            got = ours(ids, mask, decoder_input_ids=target).logits
+            expected = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits
+        assert_logits_close(expected, got)
+        assert any("too short for block-sparse" in str(w.message) for w in said) == (seqlen == 40)
+    assert ours.config.attention_type == "block_sparse"
+
+
+def test_bigbird_pegasus_generation(bigbird_checkpoint):
+    hf, folder = bigbird_checkpoint
+    hf.model.encoder.set_attention_type("block_sparse")
+    assert_generates_as_transformers(load(folder), hf, *source_batch(120), 4)
+
+
+def test_bigbird_pegasus_full_attention_training(bigbird_checkpoint):
+    """original_full trains (loss and gradients as transformers'); block-sparse training is
+    refused until transformers' random layout is reproduced."""
+    hf, folder = bigbird_checkpoint
+    ours = load(folder).train()
+    ids, mask = source_batch(120)
+    labels = torch.randint(3, 100, (2, 6))
+    with pytest.raises(ValueError, match="random layout"):
+        ours(ids, mask, labels=labels)
+    ours.set_attention_type("original_full")
+    hf.model.encoder.set_attention_type("original_full")
+    hf.train()
+    expected, got = hf(input_ids=ids, attention_mask=mask, labels=labels), ours(ids, mask, labels=labels)
+    hf.zero_grad()
+    expected.loss.backward()
+    got.loss.backward()
+    hf.eval()
+    assert abs(got.loss.item() - expected.loss.item()) <= 1e-5 * abs(expected.loss.item())
+    for ours_name, theirs_name in (("model.encoder.layers.0.self_attn.q_proj.weight",
+                                    "model.encoder.layers.0.self_attn.self.query.weight"),
+                                   ("model.decoder.layers.1.fc2.weight", "model.decoder.layers.1.fc2.weight"),
+                                   ("model.shared.weight", "model.shared.weight")):
+        mine, theirs = ours.get_parameter(ours_name).grad, hf.get_parameter(theirs_name).grad
+        assert (mine - theirs).abs().max() <= 1e-4 * theirs.abs().max(), ours_name

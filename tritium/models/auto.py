@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from tritium.models import bert_generation, gemma2, glm4, mvp
+from tritium.models import bert_generation, bigbird_pegasus, gemma2, glm4, mvp
 from tritium.models.attention import check_backend
 from tritium.models.checkpoint import Reader, load_weights, weight_files
 from tritium.models.config import ids, read_json
@@ -20,6 +20,7 @@ MODEL_TYPES = {
     "gemma3_text": (gemma2.config_from_hf, gemma2.Gemma2ForCausalLM),
     "glm4": (glm4.config_from_hf, glm4.Glm4ForCausalLM),
     "mvp": (mvp.config_from_hf, mvp.MvpForConditionalGeneration),
+    "bigbird_pegasus": (bigbird_pegasus.config_from_hf, bigbird_pegasus.BigBirdPegasusForConditionalGeneration),
     "bert-generation": (bert_generation.config_from_hf, bert_generation.model_class),
     "encoder-decoder": (bert_generation.config_from_hf, bert_generation.model_class),
 }

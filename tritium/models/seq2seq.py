@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tritium import reference
+from tritium.kernels.block_sparse import block_sparse_attention
 from tritium.models.attention import attend, attend_fixed, check_backend
 from tritium.models.cache import StaticCache
 from tritium.models.generate import Session, check_length, decode_step, expand, generate
@@ -35,6 +37,10 @@ class Seq2SeqConfig:
     activation: str  # tritium's name
     max_position_embeddings: int
     decoder_cross_attention: bool = True  # a decoder-only BertGeneration has none
+    attention_bias: bool = True  # q/k/v/out projections (BigBird-Pegasus: use_bias, false)
+    attention_type: str = "original_full"  # the encoder's self-attention; BigBird-Pegasus: "block_sparse"
+    block_size: int = 64
+    num_random_blocks: int = 3
     pre_norm: bool = False  # BigBird-Pegasus: LayerNorm before each block, and one after the stack
     scale_embedding: bool = False
     position_offset: int = 2  # BART's learned positions start at row 2
@@ -107,10 +113,12 @@ class MultiHeadAttention(nn.Module):
                 torch.cat([prefix[1].expand(batch, -1, -1, -1), v], 1))
 
     def forward(self, x: torch.Tensor, *, causal: bool = False, mask=None, prefix=None, cache=None, layer: int = 0,
-                memory=None) -> torch.Tensor:
+                memory=None, sparse: tuple[int, int] | None = None) -> torch.Tensor:
         """x: (batch, seqlen, hidden). Self-attention over x (causal or not; with a cache, over
         the cached keys too); or, with memory = (k, v, mask), cross-attention over them.
-        mask: (batch, keys) bool, True = attend, over the keys after the prefix."""
+        mask: (batch, keys) bool, True = attend, over the keys after the prefix. sparse:
+        (block_size, num_random_blocks): BigBird's block-sparse self-attention in its eval
+        layout (tritium's kernel; its plain-PyTorch reference on the other backends)."""
         if self.training and self.dropout > 0:
             raise ValueError("attention dropout in training: tritium's attention kernels have no dropout; "
                              "set attention_dropout=0")
@@ -119,6 +127,11 @@ class MultiHeadAttention(nn.Module):
         if memory is not None:
             k, v, memory_mask = memory
             out = attend_fixed(self.backend, q, k, v, key_padding_mask=memory_mask, softmax_scale=scale)
+        elif sparse is not None:
+            attention = block_sparse_attention if self.backend == "tritium" else reference.block_sparse_attention
+            k, v = self.keys(x)
+            out = attention(q, k, v, block_size=sparse[0], num_random_blocks=sparse[1], key_padding_mask=mask,
+                            softmax_scale=scale)
         else:
             k, v = self.keys(x, None if cache is not None else prefix)
             if cache is None:
@@ -148,10 +161,10 @@ class Seq2SeqLayer(nn.Module):
         d, eps = config.d_model, config.layer_norm_eps
         heads = config.decoder_attention_heads if decoder else config.encoder_attention_heads
         ffn = config.decoder_ffn_dim if decoder else config.encoder_ffn_dim
-        self.self_attn = MultiHeadAttention(d, heads, factory=factory)
+        self.self_attn = MultiHeadAttention(d, heads, bias=config.attention_bias, factory=factory)
         self.self_attn_layer_norm = LayerNorm(d, eps, **factory)
         if cross:
-            self.encoder_attn = MultiHeadAttention(d, heads, factory=factory)
+            self.encoder_attn = MultiHeadAttention(d, heads, bias=config.attention_bias, factory=factory)
             self.encoder_attn_layer_norm = LayerNorm(d, eps, **factory)
         self.fc1 = Linear(d, ffn, True, config.activation, **factory)
         self.fc2 = Linear(ffn, d, True, **factory)
@@ -166,12 +179,12 @@ class Seq2SeqLayer(nn.Module):
         return x + h if self.pre_norm else norm(h, residual=x)[0]
 
     def forward(self, x: torch.Tensor, *, mask=None, prompts=None, cache=None, layer: int = 0,
-                memory=None) -> torch.Tensor:
+                memory=None, sparse=None) -> torch.Tensor:
         """prompts: this layer's (self, cross) prefixes, or None; memory: the cross-attention
-        (k, v, mask) of this layer (decoders)."""
+        (k, v, mask) of this layer (decoders); sparse: see MultiHeadAttention."""
         self_prefix = None if prompts is None else prompts[0]
         x = self.block(x, self.self_attn_layer_norm, lambda h: self.self_attn(
-            h, causal=self.decoder, mask=mask, prefix=self_prefix, cache=cache, layer=layer))
+            h, causal=self.decoder, mask=mask, prefix=self_prefix, cache=cache, layer=layer, sparse=sparse))
         if memory is not None:
             x = self.block(x, self.encoder_attn_layer_norm, lambda h: self.encoder_attn(h, memory=memory))
         # FeedForward's forward on this layer's own fc1 and fc2 (BART names them here).
