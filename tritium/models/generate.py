@@ -59,6 +59,12 @@ class Rules:
     forced_bos_token_id: int | None = None
     forced_eos_token_id: list[int] = field(default_factory=list)
 
+    def apply(self, length: int) -> bool:
+        """Whether any rule can change the scores of the token after `length` tokens."""
+        return (bool(self.no_repeat_ngram_size) and length >= self.no_repeat_ngram_size) or (
+            self.forced_bos_token_id is not None and length == 1) or (
+            bool(self.forced_eos_token_id) and length == self.max_length - 1)
+
     def __call__(self, sequences: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """sequences: (rows, cur_len) so far; scores: (rows, vocab), changed in place."""
         length, n = sequences.shape[1], self.no_repeat_ngram_size
@@ -198,7 +204,9 @@ def _one_path(session: Session, rules: Rules, sampling: Sampling, eos, pad: int,
     unfinished = torch.ones(rows, dtype=torch.bool, device=sequences.device)
     for i in range(max_new_tokens):
         scores.append(logits)
-        token = sampling(rules(sequences[:, : prefix + i], logits.clone())).where(unfinished, pad)
+        if rules.apply(prefix + i):  # on a copy: the raw logits are what return_logits gives back
+            logits = rules(sequences[:, : prefix + i], logits.clone())
+        token = sampling(logits).where(unfinished, pad)
         sequences[:, prefix + i] = token
         if streamer is not None:
             streamer(token)
