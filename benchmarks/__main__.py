@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     run.add_argument("--out", help="output folder (default: reports/<device-slug>/)")
     run.add_argument("--filter", metavar="SUBSTRING", help="only cases whose name contains SUBSTRING")
-    run.add_argument("--mode", choices=("fwd", "fwd+bwd", "prefill", "decode"), help="only this mode")
+    run.add_argument("--mode", choices=("fwd", "fwd+bwd", "prefill", "decode", "generate"), help="only this mode")
     rebuild = commands.add_parser("report", help="write README.md and plots from results.json files of one device")
     rebuild.add_argument("results", type=Path, nargs="+",
                          help="results.json files written by `run` (or their folders); a later file's rows "

@@ -3,6 +3,7 @@ models (with and without task prompts) built in transformers, saved, loaded with
 tritium.models.load. float32 on both sides: logits, loss and gradients agree to float32
 rounding (1e-4 of their scale), generation token for token and step by step."""
 
+import re
 import warnings
 
 import pytest
@@ -224,20 +225,100 @@ def test_bert_generation_decoder_alone(tmp_path):
     assert abs(got.loss.item() - expected.loss.item()) <= 1e-5 * abs(expected.loss.item())
 
 
-def test_encoder_from_a_plain_bert_checkpoint(tmp_path):
-    """A BERT checkpoint warm-starts BertGenerationEncoder (as the docs do with
-    google-bert/bert-large-uncased): the same hidden states as transformers' warm start,
-    the tensors it does not use named in a warning."""
-    from transformers import BertConfig, BertGenerationEncoder, BertModel
+def as_ours(state: dict) -> dict:
+    """A transformers BertGeneration state dict under our names."""
+    renamed = {}
+    for key, value in state.items():
+        for pattern, replacement in tritium.models.bert_generation.CHECKPOINT_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    return renamed
+
+
+def test_bert2bert_warm_started_from_bert(tmp_path):
+    """The docs' bert2bert: both halves from a plain BERT checkpoint (BertForPreTraining:
+    bert.*, cls.*, pooler, token types), the decoder with new cross-attention, paired by
+    EncoderDecoderModel(encoder=, decoder=). The unused and the new tensors are named in
+    warnings; with transformers' random cross-attention copied in, the training loss of the
+    docs' call, its gradients and a greedy generation are transformers'."""
+    from transformers import BertConfig, BertForPreTraining
+    from transformers import BertGenerationDecoder as TheirDecoder
+    from transformers import BertGenerationEncoder as TheirEncoder
+    from transformers import EncoderDecoderModel as TheirModel
 
     torch.manual_seed(4)
-    BertModel(BertConfig(**BERT)).save_pretrained(tmp_path)
-    theirs = BertGenerationEncoder.from_pretrained(tmp_path).eval()
+    BertForPreTraining(BertConfig(**BERT)).save_pretrained(tmp_path)
+    theirs = TheirModel(encoder=TheirEncoder.from_pretrained(tmp_path, bos_token_id=1, eos_token_id=2),
+                        decoder=TheirDecoder.from_pretrained(tmp_path, add_cross_attention=True, is_decoder=True,
+                                                             bos_token_id=1, eos_token_id=2)).eval()
+    options = dict(dtype=torch.float32, device="cpu", bos_token_id=1, eos_token_id=2)
     with pytest.warns(UserWarning, match="not used by BertGenerationEncoder: .*token_type_embeddings"):
-        ours = tritium.models.BertGenerationEncoder.from_pretrained(tmp_path, dtype=torch.float32, device="cpu")
+        encoder = tritium.models.BertGenerationEncoder.from_pretrained(tmp_path, **options)
+    with pytest.warns(UserWarning, match=r"BertGenerationDecoder are not in the checkpoint and were initialized "
+                                         r"\(train before use\): .*encoder_attn"):
+        decoder = tritium.models.BertGenerationDecoder.from_pretrained(
+            tmp_path, add_cross_attention=True, is_decoder=True, **options)
+    ours = tritium.models.EncoderDecoderModel(encoder=encoder, decoder=decoder)
+    fresh = {k: v for k, v in as_ours(theirs.state_dict()).items() if "encoder_attn" in k or k.endswith("lm_head.bias")}
+    assert len(fresh) == 2 * 10 + 1
+    assert all(not torch.equal(ours.state_dict()[k], v) for k, v in fresh.items() if k.endswith("proj.weight"))
+    ours.load_state_dict(fresh, strict=False)
+
     ids, mask = source_batch()
-    with torch.no_grad():
-        assert_logits_close(theirs(input_ids=ids, attention_mask=mask).last_hidden_state, ours(ids, mask))
+    labels = torch.randint(3, 100, (2, 7))
+    with pytest.raises(ValueError, match="decoder_start_token_id"):
+        ours(ids, mask, labels=labels)
+    ours.train(), theirs.train()
+    expected = theirs(input_ids=ids, attention_mask=mask, decoder_input_ids=labels, labels=labels)
+    got = ours(ids, mask, decoder_input_ids=labels, labels=labels)
+    assert abs(got.loss.item() - expected.loss.item()) <= 1e-5 * abs(expected.loss.item())
+    expected.loss.backward()
+    got.loss.backward()
+    ours.eval(), theirs.eval()
+    for ours_name, theirs_name in (("decoder.bert.layers.1.encoder_attn.k_proj.weight",
+                                    "decoder.bert.encoder.layer.1.crossattention.self.key.weight"),
+                                   ("encoder.layers.0.self_attn.q_proj.weight",
+                                    "encoder.encoder.layer.0.attention.self.query.weight")):
+        mine, their = ours.get_parameter(ours_name).grad, theirs.get_parameter(theirs_name).grad
+        assert (mine - their).abs().max() <= 1e-4 * their.abs().max(), ours_name
+    assert_generates_as_transformers(ours, theirs, ids, mask, 4)
+
+
+def test_roberta_warm_start(tmp_path):
+    """RoBERTa checkpoints warm-start both halves: a RobertaModel's (no prefix) as
+    transformers loads it, and a RobertaForMaskedLM's (roberta.*, lm_head.*), whose weights
+    transformers does not find; the two load the same."""
+    from transformers import BertGenerationEncoder as TheirEncoder
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(7)
+    masked_lm = RobertaForMaskedLM(RobertaConfig(**{**BERT, "pad_token_id": 1, "bos_token_id": 0}))
+    masked_lm.save_pretrained(tmp_path / "mlm")
+    masked_lm.roberta.save_pretrained(tmp_path / "base")
+    theirs = TheirEncoder.from_pretrained(tmp_path / "base").eval()
+    ids, mask = source_batch()
+    for kind in ("base", "mlm"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            encoder = tritium.models.BertGenerationEncoder.from_pretrained(tmp_path / kind, dtype=torch.float32,
+                                                                           device="cpu")
+            decoder = tritium.models.BertGenerationDecoder.from_pretrained(
+                tmp_path / kind, is_decoder=True, add_cross_attention=True, dtype=torch.float32, device="cpu")
+        with torch.no_grad():
+            assert_logits_close(theirs(input_ids=ids, attention_mask=mask).last_hidden_state, encoder(ids, mask))
+        assert torch.equal(decoder.bert.layers[1].fc2.weight, masked_lm.roberta.encoder.layer[1].output.dense.weight)
+        assert torch.equal(decoder.lm_head.weight, masked_lm.roberta.embeddings.word_embeddings.weight)
+
+
+def test_encoder_decoder_of_bert_halves_refused(tmp_path):
+    """An EncoderDecoderModel of BertModel halves is not BertGeneration's: refused by name."""
+    from transformers import BertConfig, BertLMHeadModel, BertModel, EncoderDecoderModel
+
+    model = EncoderDecoderModel(encoder=BertModel(BertConfig(**BERT)),
+                                decoder=BertLMHeadModel(BertConfig(**BERT, is_decoder=True, add_cross_attention=True)))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"EncoderDecoderModel of \['bert'\].*pairs BertGeneration halves"):
+        load(tmp_path)
 
 
 # ----------------------------------------------------------------------------- BigBird-Pegasus
@@ -283,17 +364,16 @@ def test_bigbird_pegasus_generation(bigbird_checkpoint):
     assert_generates_as_transformers(load(folder), hf, *source_batch(120), 4)
 
 
-def test_bigbird_pegasus_full_attention_training(bigbird_checkpoint):
-    """original_full trains (loss and gradients as transformers'); block-sparse training is
-    refused until transformers' random layout is reproduced."""
+@pytest.mark.parametrize("attention_type", ["block_sparse", "original_full"])
+def test_bigbird_pegasus_training(bigbird_checkpoint, attention_type):
+    """A training step, block-sparse (transformers' seeded random layout, 120 tokens padded
+    to 8 blocks) and full: loss and gradients as transformers'."""
     hf, folder = bigbird_checkpoint
     ours = load(folder).train()
+    ours.set_attention_type(attention_type)
+    hf.model.encoder.set_attention_type(attention_type)
     ids, mask = source_batch(120)
     labels = torch.randint(3, 100, (2, 6))
-    with pytest.raises(ValueError, match="random layout"):
-        ours(ids, mask, labels=labels)
-    ours.set_attention_type("original_full")
-    hf.model.encoder.set_attention_type("original_full")
     hf.train()
     expected, got = hf(input_ids=ids, attention_mask=mask, labels=labels), ours(ids, mask, labels=labels)
     hf.zero_grad()
@@ -303,6 +383,8 @@ def test_bigbird_pegasus_full_attention_training(bigbird_checkpoint):
     assert abs(got.loss.item() - expected.loss.item()) <= 1e-5 * abs(expected.loss.item())
     for ours_name, theirs_name in (("model.encoder.layers.0.self_attn.q_proj.weight",
                                     "model.encoder.layers.0.self_attn.self.query.weight"),
+                                   ("model.encoder.layers.1.self_attn.v_proj.weight",
+                                    "model.encoder.layers.1.self_attn.self.value.weight"),
                                    ("model.decoder.layers.1.fc2.weight", "model.decoder.layers.1.fc2.weight"),
                                    ("model.shared.weight", "model.shared.weight")):
         mine, theirs = ours.get_parameter(ours_name).grad, hf.get_parameter(theirs_name).grad

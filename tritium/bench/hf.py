@@ -18,6 +18,7 @@ attention softcap, so it is timed as a reference point only (exact=False); trans
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -160,6 +161,21 @@ def _prefill(implementation: str):
         return run
 
     return setup
+
+
+@contextlib.contextmanager
+def no_progress_bar():
+    """transformers without its progress bars inside the block: from_pretrained's "Loading
+    weights" and save_pretrained's "Writing model shards" would interleave with the run's own."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 def snapshot_cache(cache) -> list[tuple]:

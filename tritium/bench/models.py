@@ -60,7 +60,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tritium.bench.hf import restore_cache, snapshot_cache
+from tritium.bench.hf import no_progress_bar, restore_cache, snapshot_cache
 from tritium.bench.operators import Backend, Case, Operator, Unsupported, register
 from tritium.kernels import nf4
 from tritium.models import MODEL_TYPES
@@ -284,7 +284,7 @@ class Models:
 
         config = transformers.AutoConfig.for_model(**self.raw)
         model_class = getattr(transformers, HF_CLASSES[self.raw["model_type"]])
-        with _no_progress_bar(transformers):
+        with no_progress_bar():
             model = model_class.from_pretrained(None, config=config, state_dict=_shared_state(dense), dtype=self.dtype,
                                                 device_map=self.device, quantization_config=quantization)
         return model.eval()
@@ -327,18 +327,6 @@ def _dequantize_layers(model: nn.Module) -> nn.Module:
 
 def _nf4(weight: torch.Tensor) -> nf4.NF4Weight:
     return nf4.quantize(weight, BLOCKSIZE, DOUBLE_QUANT)
-
-
-@contextlib.contextmanager
-def _no_progress_bar(transformers):
-    """from_pretrained's "Loading weights" bar would interleave with the run's own."""
-    enabled = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            transformers.utils.logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -582,3 +570,6 @@ register(_operator("decode", True, (
     Backend("hf-bnb-nf4", _hf_decode("hf-bnb-nf4", None)),
     Backend("hf-eager-dequantized", _hf_decode("hf-eager-dequantized", "eager")),
     Backend("tritium", _tritium_decode("tritium-nf4")))))
+
+# The encoder-decoders' rows of this suite.
+import tritium.bench.models_seq2seq  # noqa: E402,F401

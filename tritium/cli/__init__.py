@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="list the cases (of SUITE) that run on this device, and exit")
     prof.add_argument("--all", action="store_true", help="with --list: also the other device's cases")
     prof.add_argument("--backend", default="tritium", help="which implementation runs (default: tritium)")
-    prof.add_argument("--mode", choices=("fwd", "fwd+bwd", "prefill", "decode"), help="default: the case's first mode")
+    prof.add_argument("--mode", choices=("fwd", "fwd+bwd", "prefill", "decode", "generate"), help="default: the case's first mode")
     prof.add_argument("--trace", type=Path, help="trace file (default: KERNEL.CASE.BACKEND.MODE.trace.json)")
     prof.add_argument("--steps", type=int, help="measured steps (default: 20 on cuda, 3 on cpu)")
     prof.add_argument("--warmup", type=int, help="unrecorded steps first (default: 5 on cuda, 1 on cpu)")

@@ -25,6 +25,7 @@ MODEL_TYPES = {
     "encoder-decoder": (bert_generation.config_from_hf, bert_generation.model_class),
 }
 # model_type -> (config.json -> config, the model class or a function of config.json giving it)
+WARM_START_TYPES = ("bert", "roberta")  # checkpoints a class with a WARM_START also takes
 
 
 def default_device() -> torch.device:
@@ -34,7 +35,7 @@ def default_device() -> torch.device:
 def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
          device: torch.device | str | None = None, attn_implementation: str = "tritium",
          quantization: str | None = None, revision: str | None = None, allow_pickle: bool = False,
-         model_class: type | None = None):
+         model_class: type | None = None, config_overrides: dict | None = None):
     """Load a checkpoint as a tritium model, in eval mode.
 
     path_or_repo_id: a folder holding config.json and safetensors weights (one file, or
@@ -50,8 +51,13 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloa
         bitsandbytes NF4 checkpoint loads as it is, with or without it.
     allow_pickle: read pickle weights (pytorch_model.bin), which can run code; refused
         otherwise.
-    model_class: the class to load into (e.g. BertGenerationEncoder for a BERT
-        checkpoint); default: the one config.json's model_type names.
+    model_class: the class to load into; default: the one config.json's model_type names.
+        A class with a WARM_START (BertGenerationEncoder/Decoder) also takes a plain BERT or
+        RoBERTa checkpoint, as transformers' warm starts do: the tensors it has no use for
+        are named in a warning, the ones it adds (a decoder's cross-attention) are
+        initialized as transformers initializes them, also named in a warning.
+    config_overrides: config.json fields to set before the model is built (e.g.
+        add_cross_attention=True, is_decoder=True, bos_token_id=101).
 
     Returns the model (model.config is its DecoderConfig). Raises ValueError for an
     unknown model_type and for a checkpoint whose tensors do not fit its config (every
@@ -62,10 +68,11 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloa
     if quantization not in (None, "nf4"):
         raise ValueError(f"quantization: expected None or 'nf4', got {quantization!r}")
     files = CheckpointFiles(path_or_repo_id, revision)
-    raw = read_json(files.get("config.json"))
+    raw = {**read_json(files.get("config.json")), **(config_overrides or {})}
     model_type = raw.get("model_type")
-    if model_class is not None and model_type == "bert":
-        model_type = "bert-generation"  # a plain BERT checkpoint, warm-starting a BertGeneration
+    warm = getattr(model_class, "WARM_START", None) if model_type in WARM_START_TYPES else None
+    if warm is not None:  # a plain BERT/RoBERTa checkpoint, warm-starting a BertGeneration half
+        model_type = "bert-generation"
     if model_type not in MODEL_TYPES:
         raise ValueError(f"{files.name}: model_type {model_type!r} has no compact tritium model; supported: "
                          f"{sorted(MODEL_TYPES)}")
@@ -83,8 +90,11 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloa
             setattr(config, key, generation[key])
     check_backend(attn_implementation, config.attn_softcap)
     device = torch.device(device) if device is not None else default_device()
-    reader = Reader(weight_files(files, allow_pickle=allow_pickle), device,
-                    getattr(model_class, "CHECKPOINT_RENAMES", ()), getattr(model_class, "UNUSED_KEYS", ()))
+    renames = getattr(model_class, "CHECKPOINT_RENAMES", ())
+    unused = getattr(model_class, "UNUSED_KEYS", ())
+    if warm is not None:
+        renames, unused = (*warm.renames, *renames), (*unused, *warm.unused)
+    reader = Reader(weight_files(files, allow_pickle=allow_pickle), device, renames, unused)
     if reader.unused:
         warnings.warn(f"{files.name}: {len(reader.unused)} tensors of the checkpoint are not used by "
                       f"{model_class.__name__}: {', '.join(reader.unused[:8])}{' ...' if len(reader.unused) > 8 else ''}",
@@ -97,7 +107,12 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloa
     options = dict(quantization="nf4") if quantized else {}
     model = model_class(config, dtype=dtype, device="meta", **options)
     dense = model_class(config, dtype=dtype, device="meta") if quantized else model
-    load_weights(model, dense, reader, name=files.name, dtype=dtype, quantize=quantization == "nf4")
+    new = load_weights(model, dense, reader, name=files.name, dtype=dtype, quantize=quantization == "nf4",
+                       fresh=warm.fresh if warm is not None else (), init_std=float(raw.get("initializer_range", 0.02)))
+    if new:
+        warnings.warn(f"{files.name}: {len(new)} tensors of {model_class.__name__} are not in the checkpoint and were "
+                      f"initialized (train before use): {', '.join(new[:8])}{' ...' if len(new) > 8 else ''}",
+                      stacklevel=2)
     model.set_attn_implementation(attn_implementation)
     return model.eval()
 

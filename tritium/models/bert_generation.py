@@ -6,12 +6,19 @@ head (`BertGenerationDecoder`), and the two paired in an `EncoderDecoderModel`
 
 The layers are the shared encoder-decoder layers (tritium/models/seq2seq.py, BART's
 names); BERT's names are mapped to them as the checkpoint loads (CHECKPOINT_RENAMES).
-`BertGenerationEncoder.from_pretrained` reads a plain BERT checkpoint too, as the
-BertGeneration docs warm-start one from google-bert/bert-large-uncased: the tensors
-BertGeneration has no use for (token type embeddings, pooler, pre-training heads) are
-listed in a warning."""
+`BertGenerationEncoder.from_pretrained` and `BertGenerationDecoder.from_pretrained` read a
+plain BERT or RoBERTa checkpoint too (WARM_START), as the BertGeneration docs warm-start
+bert2bert from google-bert/bert-large-uncased: the tensors BertGeneration has no use for
+(token type embeddings, pooler, pre-training heads) are listed in a warning, and a
+decoder's new cross-attention and LM-head bias are initialized as transformers does. Unlike
+transformers, a RoBERTa checkpoint's weights under `roberta.` load too (transformers only
+finds them without that prefix, and silently starts from random weights otherwise).
+`EncoderDecoderModel(encoder=..., decoder=...)` pairs two such halves."""
 
 from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +49,20 @@ CHECKPOINT_RENAMES = (
     (r"encoder\.layer\.(\d+)\.", r"layers.\1."),
     (r"lm_head\.decoder\.", "lm_head."),
 )
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """How a plain BERT/RoBERTa checkpoint (model_type "bert" or "roberta") maps onto a
+    BertGeneration half: renames applied before CHECKPOINT_RENAMES, the tensors left unused,
+    and patterns of the half's parameters the checkpoint cannot hold (initialized fresh)."""
+
+    renames: tuple = ()
+    unused: tuple = (r"token_type_embeddings", r"(^|\.)pooler\.", r"^cls\.", r"^lm_head\.", r"position_ids$")
+    fresh: tuple = ()
+
+
+BASE_PREFIX = r"^(?:bert|roberta)\."  # the base model's prefix in a BertFor*/RobertaFor* checkpoint
 
 
 def stack_config(raw: dict, decoder: dict | None = None, **ids) -> Seq2SeqConfig:
@@ -88,8 +109,8 @@ class BertGenerationEncoder(BertStack):
     """BERT layers over word and position embeddings: forward(input_ids, attention_mask)
     -> the last hidden state (batch, seqlen, hidden)."""
 
-    CHECKPOINT_RENAMES = ((r"^bert\.", ""), *CHECKPOINT_RENAMES)
-    UNUSED_KEYS = (r"token_type_embeddings", r"(^|\.)pooler\.", r"^cls\.", r"position_ids$")
+    CHECKPOINT_RENAMES = CHECKPOINT_RENAMES
+    WARM_START = WarmStart(renames=((BASE_PREFIX, ""),))
 
     def __init__(self, config: Seq2SeqConfig, *, dtype: torch.dtype = torch.float32, device=None):
         super().__init__(config, decoder=False, cross=False, factory=dict(device=device, dtype=dtype))
@@ -109,12 +130,9 @@ class BertGenerationEncoder(BertStack):
         return x
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, **options) -> BertGenerationEncoder:
-        """A BertGeneration or plain BERT checkpoint as an encoder; options as
-        tritium.models.load's."""
-        from tritium.models.auto import load
-
-        return load(path_or_repo_id, model_class=cls, **options)
+    def from_pretrained(cls, path_or_repo_id, **kwargs) -> BertGenerationEncoder:
+        """A BertGeneration, BERT or RoBERTa checkpoint as an encoder; see from_pretrained."""
+        return from_pretrained(cls, path_or_repo_id, kwargs)
 
 
 class BertGenerationDecoder(nn.Module):
@@ -124,6 +142,8 @@ class BertGenerationDecoder(nn.Module):
     predicts each next token)."""
 
     CHECKPOINT_RENAMES = CHECKPOINT_RENAMES
+    WARM_START = WarmStart(renames=((BASE_PREFIX, "bert."), (r"^(embeddings|encoder)\.", r"bert.\1.")),
+                           fresh=(r"\.encoder_attn\.", r"\.encoder_attn_layer_norm\.", r"^lm_head\.bias$"))
 
     def __init__(self, config: Seq2SeqConfig, *, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
@@ -138,6 +158,12 @@ class BertGenerationDecoder(nn.Module):
         """Every attention on "tritium", "sdpa" or "eager"."""
         _set_backend(self, self.config, name)
         self.attn_implementation = name
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, **kwargs) -> BertGenerationDecoder:
+        """A BertGeneration, BERT or RoBERTa checkpoint as a decoder (add_cross_attention=True
+        for one in an EncoderDecoderModel); see from_pretrained."""
+        return from_pretrained(cls, path_or_repo_id, kwargs)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 labels: torch.Tensor | None = None) -> Seq2SeqLMOutput:
@@ -159,11 +185,21 @@ class EncoderDecoderModel(EncoderDecoderLM):
 
     CHECKPOINT_RENAMES = CHECKPOINT_RENAMES
 
-    def __init__(self, config: Seq2SeqConfig, *, dtype: torch.dtype = torch.float32, device=None):
+    def __init__(self, config: Seq2SeqConfig | None = None, *, encoder: BertGenerationEncoder | None = None,
+                 decoder: BertGenerationDecoder | None = None, dtype: torch.dtype = torch.float32, device=None):
+        """From a config (new halves), or from two loaded halves, as transformers'
+        EncoderDecoderModel(encoder=..., decoder=...) pairs warm-started ones: the decoder
+        needs cross-attention, the halves the same hidden size; set
+        config.decoder_start_token_id (and pad_token_id) before training from labels alone."""
         super().__init__()
-        self.config = config
-        self.encoder = BertGenerationEncoder(config, dtype=dtype, device=device)
-        self.decoder = BertGenerationDecoder(config, dtype=dtype, device=device)
+        if (config is None) == (encoder is None or decoder is None):
+            raise TypeError("EncoderDecoderModel: give a config, or both encoder= and decoder=")
+        if config is None:
+            config = _paired_config(encoder, decoder)
+        else:
+            encoder = BertGenerationEncoder(config, dtype=dtype, device=device)
+            decoder = BertGenerationDecoder(config, dtype=dtype, device=device)
+        self.config, self.encoder, self.decoder = config, encoder, decoder
         self.finish_init()
 
     @property
@@ -178,6 +214,33 @@ class EncoderDecoderModel(EncoderDecoderLM):
         return self.decoder.lm_head(x)
 
 
+def _paired_config(encoder: BertGenerationEncoder, decoder: BertGenerationDecoder) -> Seq2SeqConfig:
+    if not isinstance(encoder, BertGenerationEncoder) or not isinstance(decoder, BertGenerationDecoder):
+        raise TypeError(f"EncoderDecoderModel: expected a BertGenerationEncoder and a BertGenerationDecoder, got "
+                        f"{type(encoder).__name__} and {type(decoder).__name__}")
+    e, d = encoder.config, decoder.config
+    if not d.decoder_cross_attention:
+        raise ValueError("EncoderDecoderModel: the decoder has no cross-attention; load it with "
+                         "add_cross_attention=True")
+    if (e.d_model, e.vocab_size) != (d.d_model, d.vocab_size):
+        raise ValueError(f"EncoderDecoderModel: the halves differ in hidden or vocabulary size "
+                         f"({e.d_model}, {e.vocab_size}) and ({d.d_model}, {d.vocab_size})")
+    return replace(d, encoder_layers=e.encoder_layers, encoder_attention_heads=e.encoder_attention_heads,
+                   encoder_ffn_dim=e.encoder_ffn_dim, decoder_start_token_id=None)
+
+
+def from_pretrained(cls, path_or_repo_id, kwargs: dict):
+    """cls from a checkpoint: kwargs that are tritium.models.load's options go to it (dtype,
+    device, attn_implementation, ...), the others override config.json (bos_token_id,
+    add_cross_attention, is_decoder, ...), as transformers' from_pretrained takes them."""
+    from tritium.models.auto import load
+
+    options = inspect.signature(load).parameters
+    overrides = {k: v for k, v in kwargs.items() if k not in options}
+    return load(path_or_repo_id, model_class=cls, config_overrides=overrides,
+                **{k: v for k, v in kwargs.items() if k in options})
+
+
 def config_from_hf(raw: dict) -> Seq2SeqConfig:
     """A Seq2SeqConfig from a BertGeneration / BERT config.json, or from an
     EncoderDecoderModel's ("encoder-decoder": the two halves under "encoder" and
@@ -186,9 +249,11 @@ def config_from_hf(raw: dict) -> Seq2SeqConfig:
         return stack_config(raw)
     halves = (raw.get("encoder") or {}, raw.get("decoder") or {})
     kinds = {half.get("model_type") for half in halves}
-    if not kinds <= {"bert-generation", "bert"}:
+    if kinds != {"bert-generation"}:
         raise ValueError(f"config.json: an EncoderDecoderModel of {sorted(kinds, key=str)}: tritium's compact "
-                         "encoder-decoder pairs BertGeneration (or BERT) halves")
+                         "encoder-decoder pairs BertGeneration halves (BertModel/RobertaModel halves add token type "
+                         "embeddings and another LM head; warm-start BertGeneration halves from those checkpoints "
+                         "instead)")
     if not halves[1].get("add_cross_attention", False):
         raise ValueError("config.json: the decoder has no cross-attention (add_cross_attention is false)")
     # The generation ids at the top of the config (transformers reads them there) win.

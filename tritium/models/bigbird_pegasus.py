@@ -4,7 +4,8 @@ block, one after each stack, which transformers names layernorm_embedding), embe
 scaled by sqrt(d_model), learned positions from row 0, gelu_new, projections without bias
 (use_bias), the LM head tied to the shared embeddings plus final_logits_bias; and BigBird's
 block-sparse encoder self-attention (attention_type "block_sparse"), on
-tritium.block_sparse_attention in transformers' eval layout.
+tritium.block_sparse_attention: transformers' eval layout in eval mode, its seeded random
+layout (bigbird_layout.py) in training.
 
 As transformers does, the encoder pads a block-sparse input to a multiple of block_size
 (pad-token embeddings, masked) and cuts the padding off after; an input too short for the
@@ -19,6 +20,7 @@ import warnings
 
 import torch
 
+from tritium.models.bigbird_layout import random_layout
 from tritium.models.seq2seq import BartLM, Seq2SeqConfig
 
 CHECKPOINT_RENAMES = (
@@ -57,10 +59,6 @@ class BigBirdPegasusForConditionalGeneration(BartLM):
                               f"{c.num_random_blocks}): full attention for such inputs", stacklevel=2)
                 self.said_full = True
             return super().encode(input_ids, attention_mask)
-        if self.training:
-            raise ValueError("BigBird-Pegasus training with block-sparse attention: transformers' random layout "
-                             "(drawn with numpy, seeded per layer) is not reproduced yet; set_attention_type("
-                             "'original_full') to train, or evaluate")
         encoder = self.encoder_stack
         x = encoder.embed(input_ids, encoder.positions(input_ids))
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -69,8 +67,13 @@ class BigBirdPegasusForConditionalGeneration(BartLM):
             pad_ids = input_ids.new_full((input_ids.shape[0], pad), c.pad_token_id)
             x = torch.cat([x, encoder.embed_tokens(pad_ids) * encoder.scale], 1)
             mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], 1)
-        for layer in encoder.layers:
-            x = layer(x, mask=mask, sparse=(c.block_size, c.num_random_blocks))
+        for seed, layer in enumerate(encoder.layers):
+            layout = None
+            if self.training:  # transformers' random blocks, seeded with the layer's index
+                layout = random_layout(x.shape[1], block_size=c.block_size, num_random_blocks=c.num_random_blocks,
+                                       heads=c.encoder_attention_heads, seed=seed,
+                                       max_seqlen=c.max_position_embeddings).to(x.device)
+            x = layer(x, mask=mask, sparse=(c.block_size, c.num_random_blocks, layout))
         return encoder.finish(x)[:, :seqlen]
 
 

@@ -124,14 +124,20 @@ def check_keys(name: str, expected: dict, found: dict, nf4_weights: set[str], ig
 
 
 def load_weights(model: nn.Module, dense: nn.Module, reader: Reader, *, name: str, dtype: torch.dtype,
-                 quantize: bool) -> None:
+                 quantize: bool, fresh=(), init_std: float = 0.02) -> list[str]:
     """Fill `model` (built on the meta device) from the weight files of `reader`.
 
     dense: the same architecture without quantization, on the meta device: its state dict
     is what the checkpoint must hold. Floating tensors are cast to dtype except NF4 state;
-    with quantize, the weights of `model`'s NF4Linear layers are quantized as they load."""
+    with quantize, the weights of `model`'s NF4Linear layers are quantized as they load.
+    fresh: patterns of parameters the checkpoint may lack (a warm start's new
+    cross-attention), initialized as transformers initializes them (init_std); returns
+    their names."""
     device = reader.device
     expected = {k: tuple(v.shape) for k, v in dense.state_dict().items()}
+    new = sorted(k for k in expected.keys() - reader.shapes.keys() if any(re.search(p, k) for p in fresh))
+    for key in new:
+        expected.pop(key)
     groups = tied_groups(dense)
     # A tied parameter is read once, under the first of its names the checkpoint holds.
     skipped = {n for names in groups for n in names if n != next((m for m in names if m in reader.shapes), names[0])}
@@ -168,6 +174,24 @@ def load_weights(model: nn.Module, dense: nn.Module, reader: Reader, *, name: st
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers(device, dtype)
+    for key in new:
+        _initialize(model, key, device, dtype, init_std)
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"{name}: nothing in the checkpoint filled {', '.join(left[:SHOWN])}")
+    return new
+
+
+def _initialize(model: nn.Module, key: str, device, dtype, std: float) -> None:
+    """A parameter the checkpoint lacks, as transformers' _init_weights makes it: biases
+    zero, norm weights one, other weights normal(0, std)."""
+    module_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    value = torch.empty(getattr(module, leaf).shape, device=device, dtype=dtype)
+    if leaf == "bias":
+        value.zero_()
+    elif isinstance(module, nn.LayerNorm):
+        value.fill_(1.0)
+    else:
+        value.normal_(0.0, std)
+    setattr(module, leaf, nn.Parameter(value))

@@ -113,12 +113,13 @@ class MultiHeadAttention(nn.Module):
                 torch.cat([prefix[1].expand(batch, -1, -1, -1), v], 1))
 
     def forward(self, x: torch.Tensor, *, causal: bool = False, mask=None, prefix=None, cache=None, layer: int = 0,
-                memory=None, sparse: tuple[int, int] | None = None) -> torch.Tensor:
+                memory=None, sparse: tuple[int, int, torch.Tensor | None] | None = None) -> torch.Tensor:
         """x: (batch, seqlen, hidden). Self-attention over x (causal or not; with a cache, over
         the cached keys too); or, with memory = (k, v, mask), cross-attention over them.
         mask: (batch, keys) bool, True = attend, over the keys after the prefix. sparse:
-        (block_size, num_random_blocks): BigBird's block-sparse self-attention in its eval
-        layout (tritium's kernel; its plain-PyTorch reference on the other backends)."""
+        (block_size, num_random_blocks, rand_attn): BigBird's block-sparse self-attention,
+        rand_attn None for the eval layout (tritium's kernel; its plain-PyTorch reference on
+        the other backends)."""
         if self.training and self.dropout > 0:
             raise ValueError("attention dropout in training: tritium's attention kernels have no dropout; "
                              "set attention_dropout=0")
@@ -130,8 +131,9 @@ class MultiHeadAttention(nn.Module):
         elif sparse is not None:
             attention = block_sparse_attention if self.backend == "tritium" else reference.block_sparse_attention
             k, v = self.keys(x)
-            out = attention(q, k, v, block_size=sparse[0], num_random_blocks=sparse[1], key_padding_mask=mask,
-                            softmax_scale=scale)
+            block_size, num_random_blocks, rand_attn = sparse
+            out = attention(q, k, v, block_size=block_size, num_random_blocks=num_random_blocks, rand_attn=rand_attn,
+                            key_padding_mask=mask, softmax_scale=scale)
         else:
             k, v = self.keys(x, None if cache is not None else prefix)
             if cache is None:
@@ -358,6 +360,10 @@ class EncoderDecoderLM(nn.Module):
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("decoder_input_ids or labels: give one (the decoder needs its inputs)")
+            if self.config.decoder_start_token_id is None:
+                raise ValueError("labels without decoder_input_ids: the decoder inputs are the labels shifted right "
+                                 "behind config.decoder_start_token_id, which is not set; set it (e.g. to the "
+                                 "tokenizer's cls/bos id) or give decoder_input_ids")
             decoder_input_ids = shift_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
         memory = self.memory(self.encode(input_ids, attention_mask), attention_mask)
         logits = self.decode(decoder_input_ids, memory, decoder_attention_mask=decoder_attention_mask)
@@ -365,6 +371,15 @@ class EncoderDecoderLM(nn.Module):
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         return Seq2SeqLMOutput(logits, loss)
+
+    def start_token_id(self) -> int:
+        """The token generation starts the decoder with: decoder_start_token_id, else (as
+        transformers falls back) bos_token_id."""
+        c = self.config
+        if c.decoder_start_token_id is None and c.bos_token_id is None:
+            raise ValueError("generate: neither config.decoder_start_token_id nor config.bos_token_id is set; "
+                             "set the token the decoder starts from")
+        return c.bos_token_id if c.decoder_start_token_id is None else c.decoder_start_token_id
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
         """The decoder start token followed by up to max_new_tokens new tokens per input;
@@ -387,7 +402,7 @@ class EncoderDecoderLM(nn.Module):
         for i, ((k, v), _) in enumerate(self.decoder_stack.prompts() or []):  # the self-attention prompts
             cache.keys[i][:, : len(k)], cache.values[i][:, : len(v)] = k, v
         cache.advance(self.prompt_rows())
-        start = torch.full((rows, 1), self.config.decoder_start_token_id, dtype=torch.long, device=self.device)
+        start = torch.full((rows, 1), self.start_token_id(), dtype=torch.long, device=self.device)
 
         def run(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return self.decode(tokens, memory, positions=positions, cache=cache)[:, -1]
