@@ -65,20 +65,22 @@ def _rows(folder) -> dict:
 
 
 def test_models_suite_runs_every_operator_on_cpu(tmp_path, monkeypatch):
-    """Each operator's tiny CPU case (Gemma 2 prefill, GLM-4 decode, Gemma 3 NF4 decode; the
-    interpreted NF4 prefill has none): tritium's compact model within tolerance of float64
-    transformers holding the same weights, the CUDA-only backends skipped saying so, and no
-    peak memory on CPU."""
+    """Each operator's tiny CPU case (Gemma 2 prefill, GLM-4 decode, Gemma 3 NF4 decode, MVP
+    generation, BigBird-Pegasus encoder; the interpreted NF4 prefill has none): tritium's
+    compact model within tolerance of float64 transformers holding the same weights, the
+    CUDA-only backends skipped saying so, and no peak memory on CPU."""
     monkeypatch.setattr(timing, "CPU_REPEATS", 1)  # an interpreted forward takes about a second
     assert main(["run", "--suite", "models", "--device", "cpu", "--out", str(tmp_path)]) == 0
     rows = _rows(tmp_path)
-    assert {kernel for kernel, _ in rows} == {"models_prefill", "models_decode", "models_decode_nf4"}
-    for kernel in ("models_prefill", "models_decode", "models_decode_nf4"):
+    kernels = ("models_prefill", "models_decode", "models_decode_nf4", "models_seq2seq_generate", "models_encode")
+    assert {kernel for kernel, _ in rows} == set(kernels)
+    for kernel in kernels:
         ours = rows[kernel, "tritium"]
         assert ours["ms_p50"] > 0 and ours["accuracy_failed"] is False and ours["max_abs_err"] < 1e-5, ours
         assert ours["peak_memory_gib"] is None and ours["speedup"] > 0
     for key in (("models_prefill", "hf-eager"), ("models_decode", "hf-eager"), ("models_decode", "hf-sdpa"),
-                ("models_decode_nf4", "hf-eager-dequantized")):
+                ("models_decode_nf4", "hf-eager-dequantized"), ("models_seq2seq_generate", "hf"),
+                ("models_seq2seq_generate", "hf-eager"), ("models_encode", "hf-block-sparse")):
         assert rows[key]["accuracy_failed"] is False, rows[key]
     assert rows["models_prefill", "hf-sdpa"]["note"].startswith("skipped: Unsupported: SDPA cannot apply the attention "
                                                                "softcap (50)")
@@ -87,6 +89,8 @@ def test_models_suite_runs_every_operator_on_cpu(tmp_path, monkeypatch):
                                                               "benchmarked on CUDA only"
     assert rows["models_decode_nf4", "hf-eager-dequantized"]["is_baseline"]
     assert rows["models_decode", "tritium"]["x_name"] == "batch" and rows["models_decode", "tritium"]["x"] == 2
+    assert rows["models_encode", "hf-full"]["max_abs_err"] is None and rows["models_encode", "hf-full"]["ms_p50"] > 0
+    assert rows["models_seq2seq_generate", "hf"]["is_baseline"]
 
 
 def test_models_suite_without_transformers_times_tritium(tmp_path, monkeypatch):
