@@ -45,10 +45,12 @@ def test_tune_rejects_bad_arguments(bad):
 @pytest.mark.parametrize("model", ["gemma2-2b", "glm4-9b", "mvp", "bigbird-pegasus-large"])
 def test_workloads_run(model, monkeypatch):
     """Every kind of problem a model's tuning meets runs: real attention and rotary shapes,
-    MLP and norm widths shrunk so the interpreter gets through them."""
+    MLP, norm and LM-head sizes shrunk so the interpreter gets through them."""
     small = dataclasses.replace(workloads.LAYERS[model], hidden=64, intermediate=96)
     monkeypatch.setitem(workloads.LAYERS, model, small)
     monkeypatch.setitem(workloads.BLOCK_SPARSE, "bigbird-pegasus-large", (2, 16, 16, 1))
+    if model in workloads.LM_HEADS:  # a vocabulary the interpreter gets through
+        monkeypatch.setitem(workloads.LM_HEADS, model, (100, workloads.LM_HEADS[model][1]))
     seqlens = [128] if model == "bigbird-pegasus-large" else [16]  # 128: the shortest block-sparse sequence
     todo = list(workloads.steps(model, [1], seqlens, torch.float32, device="cpu", nf4=model == "glm4-9b"))
     assert todo

@@ -1,6 +1,6 @@
 """What the compiler makes of the real launches for sm_90 (no GPU needed): every kernel at
 its heuristic default for the Gemma 2 (2B, 9B, 27B), GLM-4 9B and BigBird-Pegasus shapes
-and attention at head_dim 64, 128, 256 with and without softcap, compiled by
+(the decoders' training loss included) and attention at head_dim 64, 128, 256 with and without softcap, compiled by
 `python -m benchmarks.compile_check` through `tritium.compile_only`.
 
 These run in a subprocess: the test session imports Triton in interpreter mode, and a
@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ATTENTION = {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}
 BLOCK_SPARSE = {"_bs_fwd_kernel", "_bs_bwd_dq_kernel", "_bs_bwd_dkdv_kernel"}
 GEMMS = {"_linear_kernel", "_gate_up_kernel", "_gemm_kernel"}  # dense MLP, NF4
+LOSS = {"_lce_fwd_kernel", "_lce_dx_kernel", "_lce_dw_kernel"}  # the fused LM head + cross-entropy
 
 
 def _compiled_env() -> dict:
@@ -50,7 +51,7 @@ def _shown(row: dict) -> str:
 
 def test_every_model_kernel_is_compiled(rows):
     kernels = {row["kernel"] for row in rows}
-    expected = ATTENTION | BLOCK_SPARSE | GEMMS | {"_gemv_kernel", "_norm_fwd_kernel", "_norm_bwd_kernel",
+    expected = ATTENTION | BLOCK_SPARSE | GEMMS | LOSS | {"_gemv_kernel", "_norm_fwd_kernel", "_norm_bwd_kernel",
                                                    "_rotary_kernel", "_combine_kernel"}
     assert expected <= kernels, f"never compiled: {sorted(expected - kernels)}"
 
@@ -71,13 +72,14 @@ def test_no_kernel_spills(rows):
 
 def test_prefill_and_training_kernels_use_wgmma(rows):
     """Hopper's warpgroup MMA in attention forward (prefill), dQ and dK/dV, block-sparse
-    forward and backward, and the MLP and NF4 GEMMs at prefill token counts. Decode tiles
+    forward and backward, the MLP and NF4 GEMMs at prefill token counts, and the fused loss's
+    three kernels. Decode tiles
     (a few rows: mma.sync) are not held to it: wgmma needs 64 rows per warpgroup."""
-    prefill = [row for row in rows if any("4096 tokens" in s or "prefill" in s or "block-sparse" in s
+    prefill = [row for row in rows if any("4096 tokens" in s or "prefill" in s or "block-sparse" in s or "loss" in s
                                           for s in row["steps"])]
-    must = [row for row in prefill if row["kernel"] in ATTENTION | BLOCK_SPARSE | GEMMS
+    must = [row for row in prefill if row["kernel"] in ATTENTION | BLOCK_SPARSE | GEMMS | LOSS
             and row["meta"].get("PACK", 1) == 1 and not row["meta"].get("HAS_SEQLENS")]
-    assert {row["kernel"] for row in must} >= ATTENTION | BLOCK_SPARSE | GEMMS
+    assert {row["kernel"] for row in must} >= ATTENTION | BLOCK_SPARSE | GEMMS | LOSS
     without = [_shown(row) for row in must if not row["instructions"]["wgmma"] and not _known_mma_sync(row)]
     assert not without, "no wgmma:\n" + "\n".join(without)
 

@@ -240,3 +240,28 @@ def block_sparse_attention(
     if key_padding_mask is not None:
         out = out * key_padding_mask[:, :, None, None].to(out.dtype)
     return (out, lse) if return_lse else out
+
+
+def linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap: float = 0.0, ignore_index: int = -100,
+                         reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         shift: bool = False) -> torch.Tensor:
+    """tritium.linear_cross_entropy as eager training computes it: the logits materialised
+    in hidden's dtype (softcapped there, as transformers' Gemma 2 does), then
+    F.cross_entropy in float32 (float64 for float64 inputs), plus z_loss * lse^2 per row
+    not ignored."""
+    if shift:
+        labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], 1)
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    if softcap > 0:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.reshape(-1, logits.shape[-1])
+    logits = logits.double() if logits.dtype == torch.float64 else logits.float()
+    flat = labels.reshape(-1)
+    loss = torch.nn.functional.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="none",
+                                             label_smoothing=label_smoothing)
+    if z_loss > 0:
+        lse = torch.logsumexp(logits, -1)
+        loss = loss + torch.where(flat != ignore_index, z_loss * lse * lse, 0.0)
+    if reduction == "none":
+        return loss.reshape(labels.shape)
+    return loss.sum() if reduction == "sum" else loss.sum() / (flat != ignore_index).sum()

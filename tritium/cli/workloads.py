@@ -88,6 +88,9 @@ class Step:
 
 # BigBird-Pegasus-large's encoder: block-sparse attention (16 heads of 64, blocks of 64, 3 random).
 BLOCK_SPARSE = {"bigbird-pegasus-large": (16, 64, 64, 3)}
+# The training loss of the decoders: (vocabulary, final logit softcap) of the LM head.
+LM_HEADS = {"gemma2-2b": (256000, 30.0), "gemma2-9b": (256000, 30.0), "gemma2-27b": (256000, 30.0),
+            "glm4-9b": (151552, 0.0)}
 
 
 def steps(model: str, batches: list[int], seqlens: list[int], dtype: torch.dtype,
@@ -110,6 +113,10 @@ def steps(model: str, batches: list[int], seqlens: list[int], dtype: torch.dtype
             yield Step(f"mlp+norm {tokens} tokens", _dense_layer(layer, tokens, dtype, device, backward))
             if nf4:
                 yield Step(f"nf4 mlp {tokens} tokens", _nf4_layer(layer, tokens, dtype, device))
+        if backward and model in LM_HEADS:
+            for seqlen in seqlens:
+                yield Step(f"lm-head loss {batch}x{seqlen} +bwd", _loss(layer, LM_HEADS[model], batch * seqlen, dtype,
+                                                                        device))
         if model in BLOCK_SPARSE:
             for seqlen in seqlens:
                 yield Step(f"block-sparse {batch}x{seqlen}", _block_sparse(BLOCK_SPARSE[model], batch, seqlen, dtype,
@@ -170,6 +177,17 @@ def _dense_layer(layer: LayerShape, tokens: int, dtype, device, backward) -> Cal
             out = tritium.linear(normed, fc1.requires_grad_(backward), None, layer.activation)
         if backward:
             out.backward(torch.randn_like(out))
+
+    return run
+
+
+def _loss(layer: LayerShape, head: tuple[int, float], tokens: int, dtype, device) -> Callable[[], None]:
+    def run():
+        vocab, softcap = head
+        hidden = torch.randn(tokens, layer.hidden, device=device, dtype=dtype, requires_grad=True)
+        weight = (torch.randn(vocab, layer.hidden, device=device, dtype=dtype) * layer.hidden**-0.5).requires_grad_()
+        labels = torch.randint(0, vocab, (tokens,), device=device)
+        tritium.linear_cross_entropy(hidden, weight, labels, softcap=softcap).backward()
 
     return run
 

@@ -1,7 +1,7 @@
 """Score and softmax conventions shared by every attention kernel (dense, decode,
-block-sparse): the one mask predicate, the one score function, the one online-softmax
-update, the softmax-gradient row term of both backward passes, and the host-side
-constants they expect.
+block-sparse) and the fused loss: the one mask predicate, the one score function, the one
+online-softmax update (`lse_step`; `softmax_step` with values), the softmax-gradient row
+term of both backward passes, and the host-side constants they expect.
 
 Scores are kept in log2 units (the softmax scale folded into log2(e)) so the inner loops
 use exp2; lse is returned in natural units.
@@ -74,14 +74,22 @@ def logits(a, b, qk_scale, cap_log2, SOFTCAP: tl.constexpr, PRECISION: tl.conste
 
 
 @triton.jit
-def softmax_step(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
-    """One online-softmax update with a (M, N) tile of log2 scores s (-inf where hidden)
-    and its (N, D) values v. A row that has seen no visible key keeps m = -inf, l = 0."""
+def lse_step(m_i, l_i, s):
+    """One online log-sum-exp update with a (M, N) tile of log2 scores s (-inf where
+    hidden): (m_new, l_new, p, alpha), p = exp2(s - m_new) and alpha the rescaling of the
+    old sums. A row that has seen no visible score keeps m = -inf, l = 0."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
+
+
+@triton.jit
+def softmax_step(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
+    """One online-softmax update with a (M, N) tile of log2 scores s (-inf where hidden)
+    and its (N, D) values v (`lse_step`, then the values weighed by p)."""
+    m_new, l_i, p, alpha = lse_step(m_i, l_i, s)
     acc = dot(rounded(p, v.dtype), v, acc * alpha[:, None], PRECISION)
     return acc, m_new, l_i
 
