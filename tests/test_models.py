@@ -81,6 +81,34 @@ def assert_generates_as_transformers(ours, hf, ids, mask, new_tokens: int, **opt
     return got
 
 
+@pytest.mark.parametrize("family,backend", [("gemma2", "tritium"), ("glm4", "tritium"), ("gemma2", "eager")])
+def test_training_step_as_transformers(checkpoints, family, backend):
+    """A right-padded batch with labels (-100 on the padding), as training pads: the loss,
+    through the fused LM head + softcap + cross-entropy on the tritium backend (no logits
+    unless asked), and the gradients of the embeddings, a layer and the final norm, as
+    transformers'. (Left padding would put a padded position's prediction, which no two
+    implementations define alike, in the loss.)"""
+    hf, folder = checkpoints[family]
+    ours = tritium.models.load(folder, dtype=torch.float32, device="cpu", attn_implementation=backend).train()
+    ids, mask = padded_batch(seqlen=9, left=False)
+    labels = ids.masked_fill(mask == 0, -100)
+    got = ours(ids, mask, labels=labels)
+    assert got.logits is None
+    hf.train()
+    expected = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    hf.zero_grad()
+    expected.loss.backward()
+    got.loss.backward()
+    hf.eval()
+    assert abs(got.loss.item() - expected.loss.item()) <= 1e-5 * abs(expected.loss.item())
+    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.norm.weight"):
+        mine, theirs = ours.get_parameter(name).grad, hf.get_parameter(name).grad
+        assert (mine - theirs).abs().max() <= 1e-4 * theirs.abs().max(), name
+    with torch.no_grad():
+        both = ours(ids, mask, labels=labels, return_logits=True)
+    assert_logits_close(hf(input_ids=ids, attention_mask=mask).logits, both.logits, valid=mask)
+
+
 @pytest.mark.parametrize("family,backend", [("gemma2", "tritium"), ("gemma3", "tritium"), ("glm4", "tritium"),
                                             ("gemma3", "sdpa")])
 def test_greedy_generation_step_by_step(checkpoints, family, backend):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tritium import reference
+from tritium.kernels.loss import linear_cross_entropy
 from tritium.models.attention import SelfAttention, Step, check_backend
 from tritium.models.cache import StaticCache
 from tritium.models.config import DecoderConfig
@@ -23,9 +24,12 @@ from tritium.models.rotary import RotaryEmbedding
 
 @dataclass
 class CausalLMOutput:
-    """logits: (batch, kept positions, vocab) in the model dtype, after the final softcap."""
+    """logits: (batch, kept positions, vocab) in the model dtype, after the final softcap
+    (None when a loss was computed without them); loss: the mean next-token cross-entropy
+    (float32) when labels were given."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
 
 
 class NF4GatedMLP(nn.Module):
@@ -142,12 +146,19 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, cache: StaticCache | None = None,
-                logits_to_keep: int = 0) -> CausalLMOutput:
+                logits_to_keep: int = 0, labels: torch.Tensor | None = None,
+                return_logits: bool | None = None) -> CausalLMOutput:
         """input_ids: (batch, seqlen) int; attention_mask: (batch, seqlen), 1 = token, 0 =
         padding (padded positions are never attended to); position_ids: (batch, seqlen),
         by default seqlen positions from the cache's length (0 without a cache), as
         transformers does. cache: extended in place by these tokens. logits_to_keep: > 0
-        computes the logits of the last that many positions only."""
+        computes the logits of the last that many positions only.
+
+        labels: (batch, seqlen), -100 = ignored: the loss of predicting labels[:, t + 1] at
+        position t, averaged over the labels not ignored, as transformers computes it; on
+        the "tritium" backend through tritium.linear_cross_entropy, which never builds the
+        (tokens, vocab) logits. return_logits: also return the logits (default: only
+        without labels)."""
         batch, seqlen = self._check_inputs(input_ids, attention_mask, position_ids, cache, logits_to_keep)
         start = 0 if cache is None else cache.length
         if position_ids is None:
@@ -163,9 +174,18 @@ class DecoderLM(nn.Module):
             x = layer(x, self.rotary, step)
         if cache is not None and not cache.graph_lengths:
             cache.advance(seqlen)
+        if labels is not None:
+            return self._loss(self.model.norm(x), labels, bool(return_logits))
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return CausalLMOutput(self.logits(self.model.norm(x)))
+
+    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, return_logits: bool) -> CausalLMOutput:
+        if labels.shape != hidden.shape[:2]:
+            raise ValueError(f"labels: shape {tuple(labels.shape)} must be input_ids' {tuple(hidden.shape[:2])}")
+        loss_fn = linear_cross_entropy if self.attn_implementation == "tritium" else reference.linear_cross_entropy
+        loss = loss_fn(hidden, self.lm_head.weight, labels, softcap=self.config.final_softcap, shift=True)
+        return CausalLMOutput(self.logits(hidden) if return_logits else None, loss)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
