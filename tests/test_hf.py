@@ -291,13 +291,45 @@ def test_apply_matches_eager_and_revert_restores(family):
         assert torch.equal(t, state[name]), name
 
 
-@pytest.mark.parametrize("family", ["glm4", "mvp"])
+@pytest.mark.parametrize("family", ["gemma2", "glm4", "mvp", "bigbird_pegasus"])
 def test_apply_training_gradients(family):
+    """Training with labels after apply: the loss through the fused LM head +
+    cross-entropy (Gemma 2's final softcap, MVP's and BigBird-Pegasus' final_logits_bias
+    kept), no logits, and every gradient as eager transformers'; loss=False, or eval mode,
+    gives transformers' logits."""
     model = make(APPLY_CASES[family][0]).train()
     model.set_attn_implementation("eager")
+    if hasattr(model, "final_logits_bias"):  # zeros at init: make a dropped bias show
+        model.final_logits_bias.normal_(generator=torch.Generator(DEVICE).manual_seed(0))
     ids, mask = padded_batch(12, left=False)
+    labels = ids.masked_fill(mask == 0, -100)
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     eager = loss_grads(model, ids, mask)
-    assert_grads_close(eager, loss_grads(tritium.hf.apply(model), ids, mask))
+    tritium.hf.apply(model)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is None
+    assert abs(out.loss.item() - expected.item()) <= 1e-5 * expected.item()
+    assert_grads_close(eager, loss_grads(model, ids, mask))
+    model.eval()
+    with torch.no_grad():
+        assert model(input_ids=ids, attention_mask=mask, labels=labels).logits is not None
+    tritium.hf.revert(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    tritium.hf.apply(model.train(), loss=False)
+    assert model(input_ids=ids, attention_mask=mask, labels=labels).logits is not None
+
+
+def test_apply_loss_with_num_items_in_batch():
+    """The Trainer's gradient accumulation: the summed loss over num_items_in_batch, as
+    transformers' loss_function computes it."""
+    model = make(gemma2).train()
+    model.set_attn_implementation("eager")
+    ids, mask = padded_batch(12, left=False)
+    labels = ids.masked_fill(mask == 0, -100)
+    items = torch.tensor(40, device=DEVICE)
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=items).loss
+    got = tritium.hf.apply(model)(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=items).loss
+    assert abs(got.item() - expected.item()) <= 1e-5 * expected.item()
 
 
 @pytest.mark.parametrize("family", ["gemma2", "glm4"])

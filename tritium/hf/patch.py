@@ -30,7 +30,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from tritium.hf import compat, rotary, seq2seq
+from tritium.hf import compat, loss, rotary, seq2seq
 from tritium.hf.attention import NAME
 from tritium.kernels.mlp import gated_mlp, linear
 from tritium.kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight
@@ -253,11 +253,23 @@ def _checked_forwards(model: nn.Module, module_type: type, forward, parameters, 
     _patch_forwards(model, module_type, forward, *args)
 
 
+def _patch_loss(model: nn.Module, seq2seq_modeling=None) -> None:
+    """The LM's training loss through tritium.linear_cross_entropy (tritium.hf.loss)."""
+    def set_forward(obj, value):
+        _set(model, obj, "forward", value)
+
+    if seq2seq_modeling is None:
+        loss.patch_causal_lm(model, set_forward)
+    else:
+        loss.patch_seq2seq_lm(model, seq2seq_modeling, set_forward)
+
+
 @_family("gemma2")
 def apply_tritium_to_gemma2(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True,
-                            rope: bool = True, nf4: bool = False):
+                            rope: bool = True, nf4: bool = False, loss: bool = True):
     """Gemma 2: attn_implementation="tritium", Gemma2RMSNorm, Gemma2MLP (GeGLU), the rotary
-    step of Gemma2Attention (halves, full head_dim)."""
+    step of Gemma2Attention (halves, full head_dim), and (Gemma2ForCausalLM) the training
+    loss with its final softcap through the fused LM head + cross-entropy."""
     from transformers.models.gemma2 import modeling_gemma2 as modeling
 
     if nf4:  # first: it validates every layer before anything is patched
@@ -271,14 +283,17 @@ def apply_tritium_to_gemma2(model: nn.Module, *, attention: bool = True, norms: 
     if mlp:
         _patch_forwards(model, modeling.Gemma2MLP, _split_gate_up_mlp,
                         activation_from_hf(model.config.hidden_activation), dense_only=True)
+    if loss and isinstance(model, modeling.Gemma2ForCausalLM):
+        _patch_loss(model)
     return model
 
 
 @_family("glm4")
 def apply_tritium_to_glm4(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True,
-                          rope: bool = True, nf4: bool = False):
+                          rope: bool = True, nf4: bool = False, loss: bool = True):
     """GLM-4: attn_implementation="tritium", Glm4RMSNorm, Glm4MLP (SwiGLU, gate_up_proj), the
-    rotary step of Glm4Attention (interleaved pairs, partial_rotary_factor of head_dim)."""
+    rotary step of Glm4Attention (interleaved pairs, partial_rotary_factor of head_dim), and
+    (Glm4ForCausalLM) the training loss through the fused LM head + cross-entropy."""
     from transformers.models.glm4 import modeling_glm4 as modeling
 
     if nf4:  # first: it validates every layer before anything is patched
@@ -292,16 +307,20 @@ def apply_tritium_to_glm4(model: nn.Module, *, attention: bool = True, norms: bo
     if mlp:
         _patch_forwards(model, modeling.Glm4MLP, _fused_gate_up_mlp, activation_from_hf(model.config.hidden_act),
                         dense_only=True)
+    if loss and isinstance(model, modeling.Glm4ForCausalLM):
+        _patch_loss(model)
     return model
 
 
 @_family("mvp")
 def apply_tritium_to_mvp(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True,
-                         rope: bool = True, nf4: bool = False):
+                         rope: bool = True, nf4: bool = False, loss: bool = True):
     """MVP: every MvpAttention (encoder, decoder self- and cross-attention, task prompts
     included; they never call the attention interface, so attn_implementation stays as it
-    is and keeps making eager's masks), LayerNorms, fc1 + activation. No rotary embedding:
-    rope is ignored."""
+    is and keeps making eager's masks), LayerNorms, fc1 + activation, and
+    (MvpForConditionalGeneration) the training loss with final_logits_bias through the
+    fused LM head + cross-entropy. No rotary embedding: rope is ignored."""
+    from transformers.models.mvp import modeling_mvp as modeling
     from transformers.models.mvp.modeling_mvp import MvpAttention, MvpDecoderLayer, MvpEncoderLayer
 
     if nf4:  # first: it validates every layer before anything is patched
@@ -325,20 +344,24 @@ def apply_tritium_to_mvp(model: nn.Module, *, attention: bool = True, norms: boo
     if mlp:
         for layer_type in (MvpEncoderLayer, MvpDecoderLayer):
             _patch_fc_activation(model, layer_type, "fc1", "activation_fn", model.config.activation_function)
+    if loss and isinstance(model, modeling.MvpForConditionalGeneration):
+        _patch_loss(model, modeling)
     return model
 
 
 @_family("bigbird_pegasus")
 def apply_tritium_to_bigbird_pegasus(model: nn.Module, *, attention: bool = True, norms: bool = True,
-                                     mlp: bool = True, rope: bool = True, nf4: bool = False):
+                                     mlp: bool = True, rope: bool = True, nf4: bool = False, loss: bool = True):
     """BigBird-Pegasus: attn_implementation="tritium" (decoder self- and cross-attention) and
     the encoder's self-attention, "original_full" or "block_sparse" (training included: the
-    random layout is transformers' own seeded draw), LayerNorms, fc1 + activation. No
-    rotary embedding: rope is ignored.
+    random layout is transformers' own seeded draw), LayerNorms, fc1 + activation, and
+    (BigBirdPegasusForConditionalGeneration) the training loss with final_logits_bias
+    through the fused LM head + cross-entropy. No rotary embedding: rope is ignored.
 
     transformers' encoder replaces its "block_sparse" modules by unpatched "original_full"
     ones for good when it first sees a sequence of (5 + 2r) * block_size tokens or fewer;
     call apply again after that."""
+    from transformers.models.bigbird_pegasus import modeling_bigbird_pegasus as modeling
     from transformers.models.bigbird_pegasus.modeling_bigbird_pegasus import (
         BigBirdPegasusBlockSparseAttention,
         BigBirdPegasusDecoderLayer,
@@ -359,14 +382,16 @@ def apply_tritium_to_bigbird_pegasus(model: nn.Module, *, attention: bool = True
     if mlp:
         for layer_type in (BigBirdPegasusEncoderLayer, BigBirdPegasusDecoderLayer):
             _patch_fc_activation(model, layer_type, "fc1", "activation_fn", model.config.activation_function)
+    if loss and isinstance(model, modeling.BigBirdPegasusForConditionalGeneration):
+        _patch_loss(model, modeling)
     return model
 
 
 @_family("bert-generation")
 def apply_tritium_to_bert_generation(model: nn.Module, *, attention: bool = True, norms: bool = True,
-                                     mlp: bool = True, rope: bool = True, nf4: bool = False):
+                                     mlp: bool = True, rope: bool = True, nf4: bool = False, loss: bool = True):
     """BertGeneration: attn_implementation="tritium", LayerNorms, intermediate.dense + act.
-    No rotary embedding: rope is ignored."""
+    No rotary embedding and no fused loss: rope and loss are ignored."""
     from transformers.models.bert_generation.modeling_bert_generation import BertGenerationIntermediate
 
     if nf4:  # first: it validates every layer before anything is patched
@@ -382,7 +407,7 @@ def apply_tritium_to_bert_generation(model: nn.Module, *, attention: bool = True
 
 @_family("encoder-decoder")
 def apply_tritium_to_encoder_decoder(model: nn.Module, *, attention: bool = True, norms: bool = True,
-                                     mlp: bool = True, rope: bool = True, nf4: bool = False):
+                                     mlp: bool = True, rope: bool = True, nf4: bool = False, loss: bool = True):
     """EncoderDecoderModel (bert2bert, roberta2roberta: BertGenerationEncoder +
     BertGenerationDecoder, or any pair of supported families): each half patched by its own
     family's function; refused before anything is patched unless both are supported."""
@@ -392,7 +417,8 @@ def apply_tritium_to_encoder_decoder(model: nn.Module, *, attention: bool = True
     if nf4:  # the whole model's layers validated first
         _patch_linear4bit(model)
     for module in halves.values():
-        _family_apply(module)(module, attention=attention, norms=norms, mlp=mlp, rope=rope, nf4=False)
+        # The halves' own losses never run: EncoderDecoderModel computes its loss itself (not fused).
+        _family_apply(module)(module, attention=attention, norms=norms, mlp=mlp, rope=rope, nf4=False, loss=False)
     if attention:  # after the halves, which record their own previous implementations
         _set(model, model.config, "_attn_implementation", NAME)
     return model
@@ -418,7 +444,12 @@ def _family_apply(model: nn.Module, what: str = "apply"):
 
 def apply(model: nn.Module, **options) -> nn.Module:
     """Patch model with its family's `apply_tritium_to_<family>(model, **options)`
-    (options: attention, norms, mlp, rope, nf4; all but nf4 default to True).
+    (options: attention, norms, mlp, rope, nf4, loss; all but nf4 default to True).
+    loss=True: Gemma2ForCausalLM, Glm4ForCausalLM, MvpForConditionalGeneration and
+    BigBirdPegasusForConditionalGeneration, called with labels in training mode, compute
+    their loss with tritium.linear_cross_entropy (the final softcap and final_logits_bias
+    kept) and return logits=None, never building the (tokens, vocab) logits; in eval mode,
+    or without labels, their forward is transformers' (see tritium.hf.loss).
     rope=True: the rotation inside each attention forward runs on
     tritium.kernels.rope.apply_rotary (Gemma 2, GLM-4; families without rotary embeddings
     ignore it), under whichever attn_implementation the model uses. nf4=True: bitsandbytes'
