@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="measure suites; write results.json/.csv, README.md, plots; "
                                           "exit status 1 when a tritium row fails accuracy")
     # Checked once the device is settled: the suite names live in tritium, which imports triton.
-    run.add_argument("--suite", default="all", help="all (default), attention, block_sparse, hf, mlp, models, nf4, norm or rope")
+    run.add_argument("--suite", default="all", help="all (default), attention, block_sparse, hf, loss, mlp, models, nf4, norm or rope")
     run.add_argument("--quick", action="store_true", help="a handful of cases")
     run.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     run.add_argument("--out", help="output folder (default: reports/<device-slug>/)")

@@ -60,6 +60,22 @@ def test_install_hint_names_the_extra_or_package():
     assert install_hint(ImportError("cannot import name 'x' from 'transformers'", name="transformers")) is None
 
 
+def test_loss_suite_on_cpu(tmp_path, monkeypatch):
+    """The loss suite's tiny CPU case: tritium's fused loss (forward, and forward+backward
+    with the hidden and weight gradients) within tolerance of float64; the CUDA-only rows
+    skipped, saying so."""
+    monkeypatch.setattr(timing, "CPU_REPEATS", 1)
+    assert main(["run", "--suite", "loss", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    ours = [r for r in rows if r["backend"] == "tritium"]
+    assert {r["mode"] for r in ours} == {"fwd", "fwd+bwd"}
+    assert all(r["accuracy_failed"] is False and r["ms_p50"] > 0 for r in ours), ours
+    skipped = {r["backend"]: r["note"] for r in rows if r["ms_p50"] is None}
+    assert set(skipped) == {"compile", "liger", "cce", "cce-exact"}
+    assert all(note.endswith("benchmarked on CUDA only") for note in skipped.values())
+    assert "install Liger-Kernel (pip install liger-kernel)" == install_hint(ModuleNotFoundError(name="liger_kernel"))
+
+
 def _rows(folder) -> dict:
     return {(r["kernel"], r["backend"]): r for r in json.loads((folder / "results.json").read_text())["rows"]}
 

@@ -8,7 +8,7 @@ A suite imports triton (through tritium): import one only once TRITON_INTERPRET 
 
 import importlib
 
-NAMES = ("attention", "block_sparse", "hf", "mlp", "models", "nf4", "norm", "rope")
+NAMES = ("attention", "block_sparse", "hf", "loss", "mlp", "models", "nf4", "norm", "rope")
 
 
 def load(suite: str) -> None:

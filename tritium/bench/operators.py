@@ -79,6 +79,8 @@ INSTALL_HINTS = {
     "transformers": ("transformers", 'pip install "tritium[hf]"'),
     "bitsandbytes": ("bitsandbytes", "pip install bitsandbytes"),
     "torch.nn.attention.flex_attention": ("a torch with FlexAttention", 'pip install "torch>=2.5"'),
+    "liger_kernel": ("Liger-Kernel", "pip install liger-kernel"),
+    "cut_cross_entropy": ("Cut Cross-Entropy", "pip install cut-cross-entropy"),
 }
 
 
