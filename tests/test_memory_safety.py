@@ -408,3 +408,60 @@ def test_dense_ops_stay_inside(name, mode):
         grads = torch.autograd.grad(outs, fenced_inputs, [torch.randn_like(o) for o in outs])
         assert all(g.shape == x.shape and not g.isnan().any() for g, x in zip(grads, fenced_inputs))
     untouched()
+
+
+# ----------------------------------------------------------------------------- fused loss
+
+
+def lce(hidden, weight, labels, bias):
+    return tritium.linear_cross_entropy(hidden, weight, labels, bias=bias, softcap=20.0, reduction="none")
+
+
+def lce_inputs(labels_from=0):
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(37, 24, generator=generator).to(DEVICE)
+    weight = (torch.randn(70, 24, generator=generator) * 0.3).to(DEVICE)
+    bias = torch.randn(70, generator=generator).to(DEVICE)
+    labels = torch.randint(labels_from, 70, (37,), generator=generator).to(DEVICE)
+    labels[::5] = -100
+    return hidden, weight, labels, bias
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_linear_cross_entropy_stays_inside(mode):
+    """Every tensor fenced (the labels too): the per-row losses match float64, and eagerly
+    the gradients of hidden, weight and bias are finite, with nothing read or written past."""
+    hidden, weight, labels, bias = lce_inputs()
+    truth = reference.linear_cross_entropy(hidden.double(), weight.double(), labels, bias=bias.double(), softcap=20.0,
+                                           reduction="none")
+    same = reference.linear_cross_entropy(hidden, weight, labels, bias=bias, softcap=20.0, reduction="none")
+    (hidden, weight, labels, bias), untouched = fence_all(hidden, weight, labels, bias)
+    for x in (hidden, weight, bias):
+        x.requires_grad_(mode == "eager")
+    out = call(mode, lce, hidden, weight, labels, bias)
+    assert_close("loss", out, same, truth, torch.float32)
+    if mode == "eager":
+        grads = torch.autograd.grad(out, (hidden, weight, bias), torch.randn_like(out))
+        assert all(not g.isnan().any() for g in grads)
+    untouched()
+
+
+@pytest.mark.parametrize("bad", [70, -5, 2**40])
+def test_linear_cross_entropy_bad_labels(bad):
+    """A label that is neither a class nor ignore_index: refused eagerly; under compile
+    (host check skipped) it is only compared with class indices, so its row's loss is the
+    log-sum-exp alone (no logit picked) and nothing outside the tensors is touched."""
+    hidden, weight, labels, bias = lce_inputs(labels_from=1)
+    labels[3] = bad
+    with pytest.raises(ValueError, match=f"labels: {bad} is neither ignore_index"):
+        lce(hidden, weight, labels, bias)
+    (hidden, weight, labels, bias), untouched = fence_all(hidden, weight, labels, bias)
+    out = call("compiled", lce, hidden, weight, labels, bias)
+    logits = torch.tanh((hidden.double() @ weight.double().T + bias.double()) / 20.0) * 20.0
+    assert abs(out[3].item() - torch.logsumexp(logits[3], 0).item()) <= 1e-4
+    good = labels.clone()
+    good[3] = -100
+    expected = reference.linear_cross_entropy(hidden.double(), weight.double(), good, bias=bias.double(), softcap=20.0,
+                                              reduction="none")
+    assert (out.double() - expected).abs()[torch.arange(37, device=DEVICE) != 3].max() <= 1e-4
+    untouched()
