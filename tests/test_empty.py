@@ -76,6 +76,10 @@ def nf4_weight(out_features: int, double_quant: bool = False) -> nf4.NF4Weight:
     return nf4.quantize(rand(out_features, 64), blocksize=64, double_quant=double_quant)
 
 
+def no_labels() -> torch.Tensor:
+    return torch.empty(0, dtype=torch.int64, device=DEVICE)
+
+
 class Case(NamedTuple):
     op: Callable  # the differentiable inputs -> the outputs
     inputs: list  # shapes of the differentiable inputs (float16)
@@ -154,6 +158,12 @@ CASES = {
         lambda x, b: nf4.matmul(x, nf4_weight(0, True), b), [(3, 64), (0,)], [((3, 0), H)]),
     "nf4.dequantize-empty": Case(
         lambda: nf4.dequantize(nf4_weight(0, True), F), [], [((0, 64), F)]),
+    "linear_cross_entropy-tokens0-sum": Case(
+        lambda h, w: tritium.linear_cross_entropy(h, w, no_labels(), reduction="sum"), [(0, 16), (30, 16)],
+        [((), F)], fills=(0.0,)),
+    "linear_cross_entropy-tokens0-none": Case(
+        lambda h, w, b: tritium.linear_cross_entropy(h, w, no_labels(), bias=b, reduction="none"),
+        [(0, 16), (30, 16), (30,)], [((0,), F)]),
 }
 
 
