@@ -86,6 +86,31 @@ def _dz(z, t, lse2, a, c, e, labels, cols, col_ok, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _row_terms(Labels, Coef, rows, row_ok, rows_total, stride_label):
+    """The backward's per-row inputs: labels, lse (log2 units), a, c, e."""
+    labels = tl.load(Labels + rows * stride_label, mask=row_ok, other=-1)
+    lse2 = tl.load(Coef + rows, mask=row_ok, other=0.0)
+    a = tl.load(Coef + rows_total + rows, mask=row_ok, other=0.0)
+    c = tl.load(Coef + 2 * rows_total + rows, mask=row_ok, other=0.0)
+    e = tl.load(Coef + 3 * rows_total + rows, mask=row_ok, other=0.0)
+    return labels, lse2, a, c, e
+
+
+@triton.jit
+def _add_product(Out, out_rows, out_ok, stride_out, g, Src, src_rows, src_ok, stride_src, stride_src_k, hidden,
+                 BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+    """Out[out_rows, :hidden] += g @ Src[src_rows, :hidden] (float32 Out, contiguous rows),
+    BLOCK_H columns at a time: a program adds into rows no other program touches."""
+    for h in range(0, hidden, BLOCK_H):
+        hs = h + tl.arange(0, BLOCK_H)
+        h_ok = hs < hidden
+        src = load_rows(Src, src_rows, stride_src, hs, stride_src_k, src_ok[:, None] & h_ok[None, :])
+        ptrs = Out + out_rows[:, None] * stride_out + hs[None, :]
+        ok = out_ok[:, None] & h_ok[None, :]
+        tl.store(ptrs, dot(g, src, tl.load(ptrs, mask=ok, other=0.0), PRECISION), mask=ok)
+
+
+@triton.jit
 def _lce_fwd_kernel(
     X, W, B, Labels, Part, rows_total, vocab, hidden, blocks_per_split,
     stride_xm, stride_xk, stride_wv, stride_wk, stride_label, cap,
@@ -133,11 +158,7 @@ def _lce_dx_kernel(
     split = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < rows_total
-    labels = tl.load(Labels + rows * stride_label, mask=row_ok, other=-1)
-    lse2 = tl.load(Coef + rows, mask=row_ok, other=0.0)
-    a = tl.load(Coef + rows_total + rows, mask=row_ok, other=0.0)
-    c = tl.load(Coef + 2 * rows_total + rows, mask=row_ok, other=0.0)
-    e = tl.load(Coef + 3 * rows_total + rows, mask=row_ok, other=0.0)
+    labels, lse2, a, c, e = _row_terms(Labels, Coef, rows, row_ok, rows_total, stride_label)
     out = DX + split.to(tl.int64) * stride_dsplit
     first = split * blocks_per_split * BLOCK_V
     for v in range(first, tl.minimum(first + blocks_per_split * BLOCK_V, vocab), BLOCK_V):
@@ -146,13 +167,8 @@ def _lce_dx_kernel(
         z, t = _logits(X, W, B, rows, cols, row_ok, col_ok, hidden, stride_xm, stride_xk, stride_wv, stride_wk,
                        cap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
         g = rounded(_dz(z, t, lse2, a, c, e, labels, cols, col_ok, SOFTCAP), X.dtype.element_ty)
-        for h in range(0, hidden, BLOCK_H):
-            hs = h + tl.arange(0, BLOCK_H)
-            h_ok = hs < hidden
-            w = load_rows(W, cols, stride_wv, hs, stride_wk, col_ok[:, None] & h_ok[None, :])
-            ptrs = out + rows[:, None] * stride_dm + hs[None, :]
-            ok = row_ok[:, None] & h_ok[None, :]
-            tl.store(ptrs, dot(g, w, tl.load(ptrs, mask=ok, other=0.0), PRECISION), mask=ok)
+        _add_product(out, rows, row_ok, stride_dm, g, W, cols, col_ok, stride_wv, stride_wk, hidden, BLOCK_H,
+                     PRECISION)
 
 
 @triton.jit
@@ -172,23 +188,14 @@ def _lce_dw_kernel(
     for r in range(0, rows_total, BLOCK_N):
         rows = (r + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < rows_total
-        labels = tl.load(Labels + rows * stride_label, mask=row_ok, other=-1)
-        lse2 = tl.load(Coef + rows, mask=row_ok, other=0.0)
-        a = tl.load(Coef + rows_total + rows, mask=row_ok, other=0.0)
-        c = tl.load(Coef + 2 * rows_total + rows, mask=row_ok, other=0.0)
-        e = tl.load(Coef + 3 * rows_total + rows, mask=row_ok, other=0.0)
+        labels, lse2, a, c, e = _row_terms(Labels, Coef, rows, row_ok, rows_total, stride_label)
         z, t = _logits(X, W, B, rows, cols, row_ok, col_ok, hidden, stride_xm, stride_xk, stride_wv, stride_wk,
                        cap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
         dz = tl.where(row_ok[:, None], _dz(z, t, lse2, a, c, e, labels, cols, col_ok, SOFTCAP), 0.0)
         db += tl.sum(dz, 0)
         g = rounded(tl.trans(dz), X.dtype.element_ty)
-        for h in range(0, hidden, BLOCK_H):
-            hs = h + tl.arange(0, BLOCK_H)
-            h_ok = hs < hidden
-            x = load_rows(X, rows, stride_xm, hs, stride_xk, row_ok[:, None] & h_ok[None, :])
-            ptrs = DW + local[:, None] * stride_dv + hs[None, :]
-            ok = col_ok[:, None] & h_ok[None, :]
-            tl.store(ptrs, dot(g, x, tl.load(ptrs, mask=ok, other=0.0), PRECISION), mask=ok)
+        _add_product(DW, local, col_ok, stride_dv, g, X, rows, row_ok, stride_xm, stride_xk, hidden, BLOCK_H,
+                     PRECISION)
     if HAS_BIAS:
         tl.store(DB + local, db, mask=col_ok)
 
