@@ -96,7 +96,7 @@ def test_family_without_rotary_accepts_rope():
 
 def test_one_signature_across_families():
     signatures = {name: inspect.signature(fn) for name, fn in tritium.hf.MODEL_TYPE_TO_APPLY.items()}
-    expected = ["model", "attention", "norms", "mlp", "rope", "nf4"]
+    expected = ["model", "attention", "norms", "mlp", "rope", "nf4", "loss"]
     assert all(list(s.parameters) == expected for s in signatures.values()), signatures
 
 

@@ -220,7 +220,8 @@ def test_bert_generation_decoder_alone(tmp_path):
     labels = ids.masked_fill(mask == 0, -100)
     with torch.no_grad():
         expected = hf(input_ids=ids, attention_mask=mask, labels=labels)
-        got = ours(ids, mask, labels=labels)
+        got = ours(ids, mask, labels=labels, return_logits=True)
+        assert ours(ids, mask, labels=labels).logits is None  # the fused loss builds none
     assert_logits_close(expected.logits, got.logits, valid=mask)
     assert abs(got.loss.item() - expected.loss.item()) <= 1e-5 * abs(expected.loss.item())
 

@@ -21,12 +21,11 @@ import inspect
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tritium.models.attention import check_backend
 from tritium.models.mlp import Linear, activation_from_hf
-from tritium.models.seq2seq import EncoderDecoderLM, MultiHeadAttention, Seq2SeqConfig, Seq2SeqLMOutput, Stack
+from tritium.models.seq2seq import EncoderDecoderLM, MultiHeadAttention, Seq2SeqConfig, Seq2SeqLMOutput, Stack, lm_loss
 
 # transformers' BERT names -> the shared layers' (applied in order, to the whole key).
 CHECKPOINT_RENAMES = (
@@ -166,16 +165,19 @@ class BertGenerationDecoder(nn.Module):
         return from_pretrained(cls, path_or_repo_id, kwargs)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                labels: torch.Tensor | None = None) -> Seq2SeqLMOutput:
+                labels: torch.Tensor | None = None, return_logits: bool | None = None) -> Seq2SeqLMOutput:
+        """As a causal LM; labels (batch, seqlen): the loss of predicting labels[:, t + 1]
+        at position t (`lm_loss`; the logits only with return_logits=True)."""
         x = self.bert.embed(input_ids, self.bert.positions(input_ids))
         mask = None if attention_mask is None else attention_mask.bool()
         for layer in self.bert.layers:
             x = layer(x, mask=mask)
-        logits = self.lm_head(x)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-        return Seq2SeqLMOutput(logits, loss)
+        if labels is None:
+            return Seq2SeqLMOutput(self.lm_head(x))
+        return Seq2SeqLMOutput(self.lm_head(x) if return_logits else None, lm_loss(self, x, labels, shift=True))
+
+    def head_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.lm_head.weight, self.lm_head.bias
 
 
 class EncoderDecoderModel(EncoderDecoderLM):
@@ -212,6 +214,9 @@ class EncoderDecoderModel(EncoderDecoderLM):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder.lm_head(x)
+
+    def head_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.decoder.head_parameters()
 
 
 def _paired_config(encoder: BertGenerationEncoder, decoder: BertGenerationDecoder) -> Seq2SeqConfig:

@@ -14,6 +14,7 @@ from torch import nn
 
 from tritium import reference
 from tritium.kernels.block_sparse import block_sparse_attention
+from tritium.kernels.loss import linear_cross_entropy
 from tritium.models.attention import attend, attend_fixed, check_backend
 from tritium.models.cache import StaticCache
 from tritium.models.generate import Session, check_length, decode_step, expand, generate
@@ -269,11 +270,22 @@ class Stack(nn.Module):
 
 @dataclass
 class Seq2SeqLMOutput:
-    """logits: (batch, target length, vocab); loss: the mean cross-entropy over the labels
-    that are not -100, when labels were given."""
+    """logits: (batch, target length, vocab), None when a loss was computed without them;
+    loss: the mean cross-entropy over the labels that are not -100, when labels were given."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
+
+
+def lm_loss(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *, shift: bool = False) -> torch.Tensor:
+    """The LM loss of hidden states under model's head (`head_parameters()`: weight, bias):
+    on the "tritium" backend through tritium.linear_cross_entropy, which never builds the
+    logits; on the others through its plain-PyTorch reference."""
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(f"labels: shape {tuple(labels.shape)} must be the decoder inputs' {tuple(hidden.shape[:2])}")
+    weight, bias = model.head_parameters()
+    loss_fn = linear_cross_entropy if model.attn_implementation == "tritium" else reference.linear_cross_entropy
+    return loss_fn(hidden, weight, labels, bias=None if bias is None else bias.to(weight.dtype), shift=shift)
 
 
 class EncoderDecoderLM(nn.Module):
@@ -332,9 +344,10 @@ class EncoderDecoderLM(nn.Module):
         return memory
 
     def decode(self, decoder_input_ids: torch.Tensor, memory: list[tuple], *, positions=None, cache=None,
-               decoder_attention_mask=None) -> torch.Tensor:
+               decoder_attention_mask=None, hidden: bool = False) -> torch.Tensor:
         """The decoder's logits (batch, seqlen, vocab) for decoder_input_ids (batch, seqlen)
-        at `positions` (default: from the cache's length, 0 without one)."""
+        at `positions` (default: from the cache's length, 0 without one); with hidden, its
+        last hidden states (before the head) instead."""
         decoder = self.decoder_stack
         if positions is None:
             positions = decoder.positions(decoder_input_ids, 0 if cache is None else cache.length - self.prompt_rows())
@@ -346,17 +359,20 @@ class EncoderDecoderLM(nn.Module):
             x = layer(x, mask=mask, prompts=prompt, cache=cache, layer=i, memory=memory[i])
         if cache is not None and not cache.graph_lengths:
             cache.advance(decoder_input_ids.shape[1])
-        return self.head(decoder.finish(x))
+        x = decoder.finish(x)
+        return x if hidden else self.head(x)
 
     def prompt_rows(self) -> int:
         return self.config.prompt_length if self.config.use_prompt else 0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> Seq2SeqLMOutput:
+                labels: torch.Tensor | None = None, return_logits: bool | None = None) -> Seq2SeqLMOutput:
         """input_ids, attention_mask: (batch, source length); decoder_input_ids and
         decoder_attention_mask (batch, target length), or labels (batch, target length;
-        -100 = ignored) from which the decoder inputs are made."""
+        -100 = ignored) from which the decoder inputs are made. With labels the loss goes
+        through `lm_loss` (no logits built on the tritium backend) and the logits come back
+        only with return_logits=True."""
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("decoder_input_ids or labels: give one (the decoder needs its inputs)")
@@ -366,11 +382,10 @@ class EncoderDecoderLM(nn.Module):
                                  "tokenizer's cls/bos id) or give decoder_input_ids")
             decoder_input_ids = shift_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
         memory = self.memory(self.encode(input_ids, attention_mask), attention_mask)
-        logits = self.decode(decoder_input_ids, memory, decoder_attention_mask=decoder_attention_mask)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        return Seq2SeqLMOutput(logits, loss)
+        x = self.decode(decoder_input_ids, memory, decoder_attention_mask=decoder_attention_mask, hidden=True)
+        if labels is None:
+            return Seq2SeqLMOutput(self.head(x))
+        return Seq2SeqLMOutput(self.head(x) if return_logits else None, lm_loss(self, x, labels))
 
     def start_token_id(self) -> int:
         """The token generation starts the decoder with: decoder_start_token_id, else (as
@@ -445,6 +460,9 @@ class BartLM(EncoderDecoderLM):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(x) + self.final_logits_bias.to(x.dtype)
+
+    def head_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.lm_head.weight, self.final_logits_bias.reshape(-1)
 
 
 def shift_right(labels: torch.Tensor, pad_token_id: int, start_token_id: int) -> torch.Tensor:
