@@ -54,11 +54,14 @@ _LOG2E = tl.constexpr(LOG2E)  # what a compiled kernel may read of a global
 
 
 @triton.jit
-def _logits(X, W, B, rows, cols, row_ok, col_ok, hidden, stride_xm, stride_xk, stride_wv, stride_wk, cap,
+def _logits(X, W, B, rows, row_ok, first_col, vocab, hidden, stride_xm, stride_xk, stride_wv, stride_wk, cap,
             HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
             BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """The (BLOCK_N, BLOCK_V) float32 logits z of rows x cols, and the tanh t of the
-    softcap (for its derivative 1 - t^2; z itself without one)."""
+    """The vocabulary tile from first_col: its columns, which of them exist, the
+    (BLOCK_N, BLOCK_V) float32 logits z of rows x columns, and the tanh t of the softcap
+    (for its derivative 1 - t^2; z itself without one)."""
+    cols = (first_col + tl.arange(0, BLOCK_V)).to(tl.int64)
+    col_ok = cols < vocab
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for k in range(0, hidden, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
@@ -70,9 +73,9 @@ def _logits(X, W, B, rows, cols, row_ok, col_ok, hidden, stride_xm, stride_xk, s
         acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if SOFTCAP:
         t = tanh_for(acc / cap, X.dtype.element_ty)
-        return t * cap, t
+        return cols, col_ok, t * cap, t
     else:
-        return acc, acc
+        return cols, col_ok, acc, acc
 
 
 @triton.jit
@@ -83,6 +86,13 @@ def _dz(z, t, lse2, a, c, e, labels, cols, col_ok, SOFTCAP: tl.constexpr):
     if SOFTCAP:
         dz = dz * (1.0 - t * t)
     return tl.where(col_ok[None, :], dz, 0.0)
+
+
+@triton.jit
+def _split_span(split, blocks_per_split, vocab, BLOCK_V: tl.constexpr):
+    """[first, stop) of the vocabulary columns split `split` walks."""
+    first = split * blocks_per_split * BLOCK_V
+    return first, tl.minimum(first + blocks_per_split * BLOCK_V, vocab)
 
 
 @triton.jit
@@ -128,12 +138,10 @@ def _lce_fwd_kernel(
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     picked = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    first = split * blocks_per_split * BLOCK_V
-    for v in range(first, tl.minimum(first + blocks_per_split * BLOCK_V, vocab), BLOCK_V):
-        cols = (v + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_ok = cols < vocab
-        z, _ = _logits(X, W, B, rows, cols, row_ok, col_ok, hidden, stride_xm, stride_xk, stride_wv, stride_wk,
-                       cap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
+    first, stop = _split_span(split, blocks_per_split, vocab, BLOCK_V)
+    for v in range(first, stop, BLOCK_V):
+        cols, col_ok, z, _ = _logits(X, W, B, rows, row_ok, v, vocab, hidden, stride_xm, stride_xk, stride_wv,
+                                     stride_wk, cap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
         m, total, _, _ = lse_step(m, total, tl.where(col_ok[None, :], z * _LOG2E, float("-inf")))
         picked += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
         if SMOOTHING:
@@ -160,12 +168,10 @@ def _lce_dx_kernel(
     row_ok = rows < rows_total
     labels, lse2, a, c, e = _row_terms(Labels, Coef, rows, row_ok, rows_total, stride_label)
     out = DX + split.to(tl.int64) * stride_dsplit
-    first = split * blocks_per_split * BLOCK_V
-    for v in range(first, tl.minimum(first + blocks_per_split * BLOCK_V, vocab), BLOCK_V):
-        cols = (v + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_ok = cols < vocab
-        z, t = _logits(X, W, B, rows, cols, row_ok, col_ok, hidden, stride_xm, stride_xk, stride_wv, stride_wk,
-                       cap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
+    first, stop = _split_span(split, blocks_per_split, vocab, BLOCK_V)
+    for v in range(first, stop, BLOCK_V):
+        cols, col_ok, z, t = _logits(X, W, B, rows, row_ok, v, vocab, hidden, stride_xm, stride_xk, stride_wv,
+                                     stride_wk, cap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
         g = rounded(_dz(z, t, lse2, a, c, e, labels, cols, col_ok, SOFTCAP), X.dtype.element_ty)
         _add_product(out, rows, row_ok, stride_dm, g, W, cols, col_ok, stride_wv, stride_wk, hidden, BLOCK_H,
                      PRECISION)
@@ -181,23 +187,23 @@ def _lce_dw_kernel(
 ):
     """DW[col - col_offset] = dz^T @ X and DB[col - col_offset] = column sums of dz, over
     every row, for the vocabulary block of this program (float32 sums)."""
+    first_col = col_offset + tl.program_id(0) * BLOCK_V
     local = (tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    cols = col_offset + local
-    col_ok = cols < vocab
     db = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for r in range(0, rows_total, BLOCK_N):
         rows = (r + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < rows_total
         labels, lse2, a, c, e = _row_terms(Labels, Coef, rows, row_ok, rows_total, stride_label)
-        z, t = _logits(X, W, B, rows, cols, row_ok, col_ok, hidden, stride_xm, stride_xk, stride_wv, stride_wk,
-                       cap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
+        cols, col_ok, z, t = _logits(X, W, B, rows, row_ok, first_col, vocab, hidden, stride_xm, stride_xk,
+                                     stride_wv, stride_wk, cap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K,
+                                     PRECISION)
         dz = tl.where(row_ok[:, None], _dz(z, t, lse2, a, c, e, labels, cols, col_ok, SOFTCAP), 0.0)
         db += tl.sum(dz, 0)
         g = rounded(tl.trans(dz), X.dtype.element_ty)
         _add_product(DW, local, col_ok, stride_dv, g, X, rows, row_ok, stride_xm, stride_xk, hidden, BLOCK_H,
                      PRECISION)
     if HAS_BIAS:
-        tl.store(DB + local, db, mask=col_ok)
+        tl.store(DB + local, db, mask=first_col + tl.arange(0, BLOCK_V) < vocab)
 
 
 # ----------------------------------------------------------------------------- tuning, as data
