@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from tritium.models.attention import check_backend
+from tritium.models.loss import lm_loss
 from tritium.models.mlp import Linear, activation_from_hf
-from tritium.models.seq2seq import EncoderDecoderLM, MultiHeadAttention, Seq2SeqConfig, Seq2SeqLMOutput, Stack, lm_loss
+from tritium.models.seq2seq import EncoderDecoderLM, MultiHeadAttention, Seq2SeqConfig, Seq2SeqLMOutput, Stack
 
 # transformers' BERT names -> the shared layers' (applied in order, to the whole key).
 CHECKPOINT_RENAMES = (
@@ -167,14 +168,15 @@ class BertGenerationDecoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 labels: torch.Tensor | None = None, return_logits: bool | None = None) -> Seq2SeqLMOutput:
         """As a causal LM; labels (batch, seqlen): the loss of predicting labels[:, t + 1]
-        at position t (`lm_loss`; the logits only with return_logits=True)."""
+        at position t (models.loss.lm_loss; the logits only with return_logits=True)."""
         x = self.bert.embed(input_ids, self.bert.positions(input_ids))
         mask = None if attention_mask is None else attention_mask.bool()
         for layer in self.bert.layers:
             x = layer(x, mask=mask)
         if labels is None:
             return Seq2SeqLMOutput(self.lm_head(x))
-        return Seq2SeqLMOutput(self.lm_head(x) if return_logits else None, lm_loss(self, x, labels, shift=True))
+        loss = lm_loss(self.attn_implementation, x, self.lm_head.weight, labels, bias=self.lm_head.bias, shift=True)
+        return Seq2SeqLMOutput(self.lm_head(x) if return_logits else None, loss)
 
     def head_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.lm_head.weight, self.lm_head.bias

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from tritium import reference
-from tritium.kernels.loss import linear_cross_entropy
 from tritium.models.attention import SelfAttention, Step, check_backend
 from tritium.models.cache import StaticCache
 from tritium.models.config import DecoderConfig
 from tritium.models.generate import Session, check_length, decode_step, expand, generate
+from tritium.models.loss import lm_loss
 from tritium.models.mlp import GatedMLP, Linear
 from tritium.models.nf4_linear import NF4Linear
 from tritium.models.norms import RMSNorm
@@ -181,10 +181,8 @@ class DecoderLM(nn.Module):
         return CausalLMOutput(self.logits(self.model.norm(x)))
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, return_logits: bool) -> CausalLMOutput:
-        if labels.shape != hidden.shape[:2]:
-            raise ValueError(f"labels: shape {tuple(labels.shape)} must be input_ids' {tuple(hidden.shape[:2])}")
-        loss_fn = linear_cross_entropy if self.attn_implementation == "tritium" else reference.linear_cross_entropy
-        loss = loss_fn(hidden, self.lm_head.weight, labels, softcap=self.config.final_softcap, shift=True)
+        loss = lm_loss(self.attn_implementation, hidden, self.lm_head.weight, labels,
+                       softcap=self.config.final_softcap, shift=True)
         return CausalLMOutput(self.logits(hidden) if return_logits else None, loss)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

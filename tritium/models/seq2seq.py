@@ -14,10 +14,10 @@ from torch import nn
 
 from tritium import reference
 from tritium.kernels.block_sparse import block_sparse_attention
-from tritium.kernels.loss import linear_cross_entropy
 from tritium.models.attention import attend, attend_fixed, check_backend
 from tritium.models.cache import StaticCache
 from tritium.models.generate import Session, check_length, decode_step, expand, generate
+from tritium.models.loss import lm_loss
 from tritium.models.mlp import FeedForward, Linear, activation_from_hf
 from tritium.models.norms import LayerNorm
 
@@ -277,17 +277,6 @@ class Seq2SeqLMOutput:
     loss: torch.Tensor | None = None
 
 
-def lm_loss(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *, shift: bool = False) -> torch.Tensor:
-    """The LM loss of hidden states under model's head (`head_parameters()`: weight, bias):
-    on the "tritium" backend through tritium.linear_cross_entropy, which never builds the
-    logits; on the others through its plain-PyTorch reference."""
-    if labels.shape != hidden.shape[:2]:
-        raise ValueError(f"labels: shape {tuple(labels.shape)} must be the decoder inputs' {tuple(hidden.shape[:2])}")
-    weight, bias = model.head_parameters()
-    loss_fn = linear_cross_entropy if model.attn_implementation == "tritium" else reference.linear_cross_entropy
-    return loss_fn(hidden, weight, labels, bias=None if bias is None else bias.to(weight.dtype), shift=shift)
-
-
 class EncoderDecoderLM(nn.Module):
     """What every compact encoder-decoder does with its two stacks (`encoder_stack`,
     `decoder_stack`: Stack modules, as the subclass lays them out) and its `head`.
@@ -371,7 +360,7 @@ class EncoderDecoderLM(nn.Module):
         """input_ids, attention_mask: (batch, source length); decoder_input_ids and
         decoder_attention_mask (batch, target length), or labels (batch, target length;
         -100 = ignored) from which the decoder inputs are made. With labels the loss goes
-        through `lm_loss` (no logits built on the tritium backend) and the logits come back
+        through models.loss.lm_loss (no logits built on the tritium backend) and the logits come back
         only with return_logits=True."""
         if decoder_input_ids is None:
             if labels is None:
@@ -385,7 +374,9 @@ class EncoderDecoderLM(nn.Module):
         x = self.decode(decoder_input_ids, memory, decoder_attention_mask=decoder_attention_mask, hidden=True)
         if labels is None:
             return Seq2SeqLMOutput(self.head(x))
-        return Seq2SeqLMOutput(self.head(x) if return_logits else None, lm_loss(self, x, labels))
+        weight, bias = self.head_parameters()
+        loss = lm_loss(self.attn_implementation, x, weight, labels, bias=bias)
+        return Seq2SeqLMOutput(self.head(x) if return_logits else None, loss)
 
     def start_token_id(self) -> int:
         """The token generation starts the decoder with: decoder_start_token_id, else (as
