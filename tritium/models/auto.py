@@ -10,7 +10,7 @@ import torch
 
 from tritium.models import bert_generation, bigbird_pegasus, gemma2, glm4, mvp
 from tritium.models.attention import check_backend
-from tritium.models.checkpoint import Reader, load_weights, weight_files
+from tritium.models.checkpoint import Reader, listed, load_weights, weight_files
 from tritium.models.config import ids, read_json
 from tritium.models.decoder import DecoderLM
 from tritium.models.hub import CheckpointFiles
@@ -97,7 +97,7 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloa
     reader = Reader(weight_files(files, allow_pickle=allow_pickle), device, renames, unused)
     if reader.unused:
         warnings.warn(f"{files.name}: {len(reader.unused)} tensors of the checkpoint are not used by "
-                      f"{model_class.__name__}: {', '.join(reader.unused[:8])}{' ...' if len(reader.unused) > 8 else ''}",
+                      f"{model_class.__name__}: {listed(reader.unused)}",
                       stacklevel=2)
     if hasattr(model_class, "fit_checkpoint"):
         config = model_class.fit_checkpoint(config, reader.shapes.keys())
@@ -111,7 +111,7 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloa
                        fresh=warm.fresh if warm is not None else (), init_std=float(raw.get("initializer_range", 0.02)))
     if new:
         warnings.warn(f"{files.name}: {len(new)} tensors of {model_class.__name__} are not in the checkpoint and were "
-                      f"initialized (train before use): {', '.join(new[:8])}{' ...' if len(new) > 8 else ''}",
+                      f"initialized (train before use): {listed(new)}",
                       stacklevel=2)
     model.set_attn_implementation(attn_implementation)
     return model.eval()

@@ -104,6 +104,13 @@ def tied_groups(model: nn.Module) -> list[list[str]]:
     return [group for group in names.values() if len(group) > 1]
 
 
+def listed(keys) -> str:
+    """The first SHOWN of keys, comma-separated, and how many more there are."""
+    keys = list(keys)
+    more = f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else ""
+    return ", ".join(keys[:SHOWN]) + more
+
+
 def check_keys(name: str, expected: dict, found: dict, nf4_weights: set[str], ignored: set[str]) -> None:
     """One ValueError naming every missing, unexpected and mis-shaped tensor."""
     state = {w + suffix for w in nf4_weights for suffix in STATE_SUFFIXES if w + suffix in found}
@@ -113,8 +120,7 @@ def check_keys(name: str, expected: dict, found: dict, nf4_weights: set[str], ig
     problems = []
     for what, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
-            more = f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else ""
-            problems.append(f"{len(keys)} {what}: {', '.join(keys[:SHOWN])}{more}")
+            problems.append(f"{len(keys)} {what}: {listed(keys)}")
     if misshaped:
         shown = ", ".join(f"{k} {found[k]} (expected {expected[k]})" for k in misshaped[:SHOWN])
         problems.append(f"{len(misshaped)} of another shape: {shown}")
@@ -178,7 +184,7 @@ def load_weights(model: nn.Module, dense: nn.Module, reader: Reader, *, name: st
         _initialize(model, key, device, dtype, init_std)
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
-        raise ValueError(f"{name}: nothing in the checkpoint filled {', '.join(left[:SHOWN])}")
+        raise ValueError(f"{name}: nothing in the checkpoint filled {listed(left)}")
     return new
 
 
