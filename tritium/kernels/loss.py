@@ -26,13 +26,21 @@ gradients take the sums directly.
 
 Labels are only compared with column indices, never used as addresses: an out-of-range
 label cannot make a kernel read or write outside its tensors (the host check names it).
+
+Vocabulary-parallel (`process_group`, tensor parallelism): each rank holds a slice of the
+head's rows; it runs the same kernels on its slice with the labels shifted to it (a label
+in another rank's slice is a class no local logit has), and the ranks merge their rows'
+statistics with two all-reduces (the log-sum-exps as max, then the sum of exps; the label
+logits and row sums added). The backward needs no more: each rank's dz is its columns of
+the full dz, and dhidden, a sum over all columns, is all-reduced.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 import triton
 import triton.language as tl
 
@@ -395,34 +403,61 @@ def _(x, weight, bias, labels, coef, softcap, needs_x, needs_weight):
 # ----------------------------------------------------------------------------- autograd
 
 
+class VocabShard(NamedTuple):
+    """This rank's slice of a vocabulary-parallel head: weight rows [start, start + rows)
+    of a vocabulary of `size` classes, split over the ranks of `group`."""
+
+    group: object
+    start: int
+    size: int
+
+
+def _merge_shards(lse, picked, row_sum, group):
+    """Each row's statistics over the whole vocabulary from every rank's slice: the
+    log-sum-exps merged (their max, then the sum of exps relative to it), the label logit
+    (one rank holds it, the others add 0) and the row sums added."""
+    top = lse.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    sums = torch.stack([torch.exp(lse - top), picked, row_sum])
+    dist.all_reduce(sums, group=group)
+    return top + torch.log(sums[0]), sums[1], sums[2]
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd over the forward/backward custom ops; the per-row arithmetic (O(rows)) is
-    plain PyTorch around them. Returns the per-row losses (rows,) float32, 0 where ignored,
-    and the count of rows not ignored (for the mean)."""
+    plain PyTorch around them. Returns the per-row losses (rows,) float32, 0 where ignored.
+    shard: a VocabShard when weight is one rank's slice of the head, else None."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, softcap, ignore_index, smoothing, z_loss):
-        lse, picked, row_sum = _forward_op(x, weight, bias, labels, softcap, smoothing > 0)
+    def forward(ctx, x, weight, bias, labels, softcap, ignore_index, smoothing, z_loss, shard):
         valid = labels != ignore_index
+        if shard is not None:  # another rank's classes fall outside this slice: no local logit matches them
+            labels = labels - shard.start
+        lse, picked, row_sum = _forward_op(x, weight, bias, labels, softcap, smoothing > 0)
+        vocab = weight.shape[0]
+        if shard is not None:
+            lse, picked, row_sum = _merge_shards(lse, picked, row_sum, shard.group)
+            vocab = shard.size
         loss = (1 - smoothing) * (lse - picked) + z_loss * lse * lse
         if smoothing > 0:
-            loss = loss + smoothing * (lse - row_sum / weight.shape[0])
+            loss = loss + smoothing * (lse - row_sum / vocab)
         loss = torch.where(valid, loss, 0.0)
         ctx.save_for_backward(x, weight, bias, labels, lse, valid)
-        ctx.options = (softcap, smoothing, z_loss)
+        ctx.options = (softcap, smoothing, z_loss, vocab, shard)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, labels, lse, valid = ctx.saved_tensors
-        softcap, smoothing, z_loss = ctx.options
+        softcap, smoothing, z_loss, vocab, shard = ctx.options
         g = torch.where(valid, grad.float(), 0.0)
-        coef = torch.stack([lse * LOG2E, g * (1 + 2 * z_loss * lse), g * (1 - smoothing),
-                            g * (smoothing / weight.shape[0])])
+        coef = torch.stack([lse * LOG2E, g * (1 + 2 * z_loss * lse), g * (1 - smoothing), g * (smoothing / vocab)])
         needs_x, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         dx, dw, db = _backward_op(x, weight, bias, labels, coef, softcap, needs_x, needs_weight)
+        if shard is not None and needs_x:  # this slice's columns' part of dhidden
+            dist.all_reduce(dx, group=shard.group)
         return (dx if needs_x else None, dw if needs_weight else None,
-                db if bias is not None and needs_weight else None, None, None, None, None, None)
+                db if bias is not None and needs_weight else None, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- public op
@@ -465,6 +500,22 @@ def _check_args(hidden, weight, bias, labels, softcap, ignore_index, reduction, 
     check_float("z_loss", z_loss, minimum=0.0)
 
 
+def _vocab_shard(group, start, size, rows: int) -> VocabShard | None:
+    """The VocabShard of a vocabulary-parallel call, None for a whole head; raises for
+    offsets that do not place the slice inside the vocabulary."""
+    for name, value in (("vocab_start", start), ("vocab_size", size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if group is None:
+        if start != 0 or size not in (None, rows):
+            raise ValueError("vocab_start/vocab_size: only with process_group (a vocabulary-parallel head)")
+        return None
+    if size is None or not 0 <= start <= size - rows:
+        raise ValueError(f"vocab_start {start}, vocab_size {size}: this rank's {rows} rows must lie inside the "
+                         "vocabulary (give both with process_group)")
+    return VocabShard(group, start, size)
+
+
 def _check_label_values(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """One host read: every label is ignore_index or a class. Skipped where values cannot be
     read (capture, compile): the kernels only compare labels, so a bad one reads nothing
@@ -489,6 +540,9 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     shift: bool = False,
+    process_group=None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the LM head's logits without materialising them.
 
@@ -505,20 +559,26 @@ def linear_cross_entropy(
         labels[:, t + 1], the last position none.
     reduction: "mean" (over the rows not ignored: NaN when all are, as torch), "sum" or
         "none" (hidden.shape[:-1], 0 where ignored). Returns float32.
+    process_group: vocabulary-parallel (tensor parallelism): weight and bias are this
+        rank's rows [vocab_start, vocab_start + weight.shape[0]) of a head of vocab_size
+        classes whose other rows the group's other ranks hold; every rank passes the same
+        hidden and labels and gets the loss over the whole vocabulary (two all-reduces of
+        a few floats per row), and the gradient of hidden summed over the ranks.
 
     Differentiable w.r.t. hidden, weight and bias, deterministically. Memory beyond the
     inputs and gradients: a few floats per row and per vocabulary entry, plus a bounded
     float32 scratch for the gradient sums (SCRATCH_BYTES).
     """
     _check_args(hidden, weight, bias, labels, softcap, ignore_index, reduction, label_smoothing, z_loss, shift)
+    shard = _vocab_shard(process_group, vocab_start, vocab_size, weight.shape[0])
     if shift:
         labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], 1)
-    _check_label_values(labels, weight.shape[0], ignore_index)
+    _check_label_values(labels, weight.shape[0] if shard is None else shard.size, ignore_index)
     x, flat = as_rows(hidden), labels.reshape(-1)
     if bias is not None:
         bias = bias.contiguous()
     per_row = run_function(LinearCrossEntropyFunction, x, weight, bias, flat, float(softcap), ignore_index,
-                           float(label_smoothing), float(z_loss))
+                           float(label_smoothing), float(z_loss), shard)
     if reduction == "none":
         return per_row.reshape(labels.shape)
     total = per_row.sum()

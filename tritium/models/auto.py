@@ -7,8 +7,9 @@ import os
 import warnings
 
 import torch
+import torch.distributed as dist
 
-from tritium.models import bert_generation, bigbird_pegasus, gemma2, glm4, mvp
+from tritium.models import bert_generation, bigbird_pegasus, gemma2, glm4, mvp, parallel, sharding
 from tritium.models.attention import check_backend
 from tritium.models.checkpoint import Reader, listed, load_weights, weight_files
 from tritium.models.config import ids, read_json
@@ -35,7 +36,8 @@ def default_device() -> torch.device:
 def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
          device: torch.device | str | None = None, attn_implementation: str = "tritium",
          quantization: str | None = None, revision: str | None = None, allow_pickle: bool = False,
-         model_class: type | None = None, config_overrides: dict | None = None):
+         model_class: type | None = None, config_overrides: dict | None = None, tp: bool = False,
+         device_mesh=None):
     """Load a checkpoint as a tritium model, in eval mode.
 
     path_or_repo_id: a folder holding config.json and safetensors weights (one file, or
@@ -58,6 +60,14 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloa
         initialized as transformers initializes them, also named in a warning.
     config_overrides: config.json fields to set before the model is built (e.g.
         add_cross_attention=True, is_decoder=True, bos_token_id=101).
+    tp: tensor parallelism over torch.distributed's default group (every process of a
+        `torchrun --nproc-per-node N` run calls load alike; the group is initialized from
+        torchrun's environment if it is not yet: NCCL with GPUs, gloo without). Each rank
+        builds its part (attention heads, MLP features and vocabulary rows split, see
+        tritium/models/parallel.py), reads only that part of each safetensors tensor, and
+        quantizes it with quantization="nf4"; its device defaults to cuda:LOCAL_RANK. The
+        ranks then run forward and generate alike, with the same inputs, and all get the
+        whole logits. device_mesh: a 1-D DeviceMesh to shard over instead (implies tp).
 
     Returns the model (model.config is its DecoderConfig). Raises ValueError for an
     unknown model_type and for a checkpoint whose tensors do not fit its config (every
@@ -89,7 +99,8 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloa
         if generation.get(key) is not None and hasattr(config, key):
             setattr(config, key, generation[key])
     check_backend(attn_implementation, config.attn_softcap)
-    device = torch.device(device) if device is not None else default_device()
+    group = parallel.process_group(tp, device_mesh)
+    device = torch.device(device) if device is not None else parallel.local_device() if group else default_device()
     renames = getattr(model_class, "CHECKPOINT_RENAMES", ())
     unused = getattr(model_class, "UNUSED_KEYS", ())
     if warm is not None:
@@ -106,9 +117,20 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloa
         raise ValueError(f"quantization: NF4 is for the decoder-only models, not {model_type}")
     options = dict(quantization="nf4") if quantized else {}
     model = model_class(config, dtype=dtype, device="meta", **options)
-    dense = model_class(config, dtype=dtype, device="meta") if quantized else model
+    dense = model_class(config, dtype=dtype, device="meta") if quantized or group else model
+    slices = None
+    if group is not None and dist.get_world_size(group) > 1:
+        if _is_nf4(raw):
+            raise ValueError(f"{files.name}: an NF4 checkpoint cannot be split for tensor parallelism (its blocks "
+                             "span the whole tensor); load the float checkpoint with quantization='nf4', which "
+                             "quantizes each rank's part")
+        tp_state = parallel.TensorParallel.of(group, config.vocab_size)
+        slices = sharding.shard(model, tp_state)
     new = load_weights(model, dense, reader, name=files.name, dtype=dtype, quantize=quantization == "nf4",
-                       fresh=warm.fresh if warm is not None else (), init_std=float(raw.get("initializer_range", 0.02)))
+                       fresh=warm.fresh if warm is not None else (), init_std=float(raw.get("initializer_range", 0.02)),
+                       slices=slices)
+    if slices is not None:
+        sharding.sum_kv_copies(model, tp_state)
     if new:
         warnings.warn(f"{files.name}: {len(new)} tensors of {model_class.__name__} are not in the checkpoint and were "
                       f"initialized (train before use): {listed(new)}",

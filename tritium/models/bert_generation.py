@@ -26,6 +26,7 @@ from torch import nn
 from tritium.models.attention import check_backend
 from tritium.models.loss import lm_loss
 from tritium.models.mlp import Linear, activation_from_hf
+from tritium.models.parallel import TensorParallel, gather_vocab
 from tritium.models.seq2seq import EncoderDecoderLM, MultiHeadAttention, Seq2SeqConfig, Seq2SeqLMOutput, Stack
 
 # transformers' BERT names -> the shared layers' (applied in order, to the whole key).
@@ -144,6 +145,7 @@ class BertGenerationDecoder(nn.Module):
     CHECKPOINT_RENAMES = CHECKPOINT_RENAMES
     WARM_START = WarmStart(renames=((BASE_PREFIX, "bert."), (r"^(embeddings|encoder)\.", r"bert.\1.")),
                            fresh=(r"\.encoder_attn\.", r"\.encoder_attn_layer_norm\.", r"^lm_head\.bias$"))
+    tp: TensorParallel | None = None  # set when sharded (tritium.models.load(..., tp=True))
 
     def __init__(self, config: Seq2SeqConfig, *, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
@@ -174,9 +176,14 @@ class BertGenerationDecoder(nn.Module):
         for layer in self.bert.layers:
             x = layer(x, mask=mask)
         if labels is None:
-            return Seq2SeqLMOutput(self.lm_head(x))
-        loss = lm_loss(self.attn_implementation, x, self.lm_head.weight, labels, bias=self.lm_head.bias, shift=True)
-        return Seq2SeqLMOutput(self.lm_head(x) if return_logits else None, loss)
+            return Seq2SeqLMOutput(self.head(x))
+        loss = lm_loss(self.attn_implementation, x, self.lm_head.weight, labels, bias=self.lm_head.bias, shift=True,
+                       tp=self.tp)
+        return Seq2SeqLMOutput(self.head(x) if return_logits else None, loss)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits (..., vocab) of hidden states x (..., hidden)."""
+        return gather_vocab(self.tp, self.lm_head(x))
 
     def head_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.lm_head.weight, self.lm_head.bias
@@ -204,6 +211,7 @@ class EncoderDecoderModel(EncoderDecoderLM):
             encoder = BertGenerationEncoder(config, dtype=dtype, device=device)
             decoder = BertGenerationDecoder(config, dtype=dtype, device=device)
         self.config, self.encoder, self.decoder = config, encoder, decoder
+        self.tp = decoder.tp
         self.finish_init()
 
     @property
@@ -215,7 +223,7 @@ class EncoderDecoderModel(EncoderDecoderLM):
         return self.decoder.bert
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder.lm_head(x)
+        return self.decoder.head(x)
 
     def head_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.decoder.head_parameters()

@@ -77,18 +77,27 @@ class Reader:
                 self.where.setdefault(ours, (path, key))
                 self.shapes.setdefault(ours, shape)
 
-    def tensors(self, keys: set[str]):
-        """(key, tensor on the device) for each of `keys`, one file open at a time."""
+    def tensors(self, keys: set[str], slices: dict | None = None):
+        """(key, tensor on the device) for each of `keys`, one file open at a time; a key
+        with a sharding.Slice in `slices` reads only that part of the tensor."""
         from safetensors import safe_open
 
+        slices = slices or {}
         for path in dict.fromkeys(self.where[k][0] for k in keys):
             wanted = [k for k in keys if self.where[k][0] == path]
             if str(path).endswith(".bin"):
-                yield from ((k, self.pickled[self.where[k][1]].to(self.device)) for k in wanted)
+                for k in wanted:
+                    t, part = self.pickled[self.where[k][1]], slices.get(k)
+                    yield k, (t if part is None else part.take(lambda a, b: t[part.index(a, b)])).to(self.device)
                 continue
             device = "cpu" if self.device.type == "cpu" else str(self.device)
             with safe_open(str(path), framework="pt", device=device) as f:
-                yield from ((k, f.get_tensor(self.where[k][1])) for k in wanted)
+                for k in wanted:
+                    name, part = self.where[k][1], slices.get(k)
+                    if part is None:
+                        yield k, f.get_tensor(name)
+                    else:  # the rows or columns of this rank only
+                        yield k, part.take(lambda a, b: f.get_slice(name)[part.index(a, b)])
 
 
 def nf4_keys(shapes: dict) -> set[str]:
@@ -130,7 +139,7 @@ def check_keys(name: str, expected: dict, found: dict, nf4_weights: set[str], ig
 
 
 def load_weights(model: nn.Module, dense: nn.Module, reader: Reader, *, name: str, dtype: torch.dtype,
-                 quantize: bool, fresh=(), init_std: float = 0.02) -> list[str]:
+                 quantize: bool, fresh=(), init_std: float = 0.02, slices: dict | None = None) -> list[str]:
     """Fill `model` (built on the meta device) from the weight files of `reader`.
 
     dense: the same architecture without quantization, on the meta device: its state dict
@@ -138,7 +147,8 @@ def load_weights(model: nn.Module, dense: nn.Module, reader: Reader, *, name: st
     with quantize, the weights of `model`'s NF4Linear layers are quantized as they load.
     fresh: patterns of parameters the checkpoint may lack (a warm start's new
     cross-attention), initialized as transformers initializes them (init_std); returns
-    their names."""
+    their names. slices: a tensor-parallel rank's part of each key (sharding.shard; None:
+    not read on this rank), `model` being that part and `dense` the whole model."""
     device = reader.device
     expected = {k: tuple(v.shape) for k, v in dense.state_dict().items()}
     new = sorted(k for k in expected.keys() - reader.shapes.keys() if any(re.search(p, k) for p in fresh))
@@ -157,12 +167,13 @@ def load_weights(model: nn.Module, dense: nn.Module, reader: Reader, *, name: st
     # One layer at a time: what load_state_dict's hooks build (Gemma's gate and up stacked)
     # is a transient copy of one layer, never of the model.
     layers = {}
-    for key in reader.shapes.keys() - tied:
+    not_here = {k for k, part in (slices or {}).items() if part is None}
+    for key in reader.shapes.keys() - tied - not_here:
         match = LAYER.match(key)
         layers.setdefault(match.group(0) if match else "", set()).add(key)
     for keys in layers.values():
         state = {}
-        for key, t in reader.tensors(keys):
+        for key, t in reader.tensors(keys, slices):
             if t.is_floating_point() and key not in nf4_state:
                 t = t.to(dtype)
             if quantize and key in to_quantize:
@@ -181,7 +192,8 @@ def load_weights(model: nn.Module, dense: nn.Module, reader: Reader, *, name: st
         if hasattr(module, "reset_buffers"):
             module.reset_buffers(device, dtype)
     for key in new:
-        _initialize(model, key, device, dtype, init_std)
+        if key not in not_here:
+            _initialize(model, key, device, dtype, init_std)
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"{name}: nothing in the checkpoint filled {listed(left)}")

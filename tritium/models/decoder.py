@@ -18,6 +18,7 @@ from tritium.models.generate import Session, check_length, decode_step, expand, 
 from tritium.models.loss import lm_loss
 from tritium.models.mlp import GatedMLP, Linear
 from tritium.models.nf4_linear import NF4Linear
+from tritium.models.parallel import TensorParallel, gather_vocab
 from tritium.models.norms import RMSNorm
 from tritium.models.rotary import RotaryEmbedding
 
@@ -97,6 +98,7 @@ class DecoderLM(nn.Module):
 
     LAYER = SandwichLayer
     FUSED_GATE_UP = False
+    tp: TensorParallel | None = None  # set when sharded (tritium.models.load(..., tp=True))
 
     def __init__(self, config: DecoderConfig, *, quantization: str | None = None, dtype: torch.dtype = torch.float32,
                  device=None):
@@ -140,8 +142,8 @@ class DecoderLM(nn.Module):
 
     def new_cache(self, batch: int, max_seqlen: int) -> StaticCache:
         """An empty static cache for `batch` sequences of up to `max_seqlen` positions."""
-        c = self.config
-        return StaticCache(c.num_hidden_layers, batch, max_seqlen, c.num_key_value_heads, c.head_dim,
+        c, attention = self.config, self.model.layers[0].self_attn  # its kv heads: this rank's under TP
+        return StaticCache(c.num_hidden_layers, batch, max_seqlen, attention.kv_heads, c.head_dim,
                            dtype=self.dtype, device=self.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -182,7 +184,7 @@ class DecoderLM(nn.Module):
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, return_logits: bool) -> CausalLMOutput:
         loss = lm_loss(self.attn_implementation, hidden, self.lm_head.weight, labels,
-                       softcap=self.config.final_softcap, shift=True)
+                       softcap=self.config.final_softcap, shift=True, tp=self.tp)
         return CausalLMOutput(self.logits(hidden) if return_logits else None, loss)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -195,7 +197,7 @@ class DecoderLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
         cap = self.config.final_softcap
-        return torch.tanh(logits / cap) * cap if cap else logits
+        return gather_vocab(self.tp, torch.tanh(logits / cap) * cap if cap else logits)
 
     def _check_inputs(self, input_ids, attention_mask, position_ids, cache, logits_to_keep) -> tuple[int, int]:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():

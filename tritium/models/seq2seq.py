@@ -20,6 +20,7 @@ from tritium.models.generate import Session, check_length, decode_step, expand, 
 from tritium.models.loss import lm_loss
 from tritium.models.mlp import FeedForward, Linear, activation_from_hf
 from tritium.models.norms import LayerNorm
+from tritium.models.parallel import TensorParallel, copy_in, gather_vocab
 
 
 @dataclass
@@ -99,6 +100,7 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = Linear(hidden, hidden, bias, **factory)
         self.out_proj = Linear(hidden, hidden, bias, **factory)
         self.heads, self.head_dim = heads, hidden // heads
+        self.first_head = 0  # of the model's heads (tensor parallelism gives a rank a run of them)
         self.backend, self.dropout = "tritium", 0.0
 
     def split(self, t: torch.Tensor) -> torch.Tensor:
@@ -133,6 +135,8 @@ class MultiHeadAttention(nn.Module):
             attention = block_sparse_attention if self.backend == "tritium" else reference.block_sparse_attention
             k, v = self.keys(x)
             block_size, num_random_blocks, rand_attn = sparse
+            if rand_attn is not None:  # the layout of this module's heads
+                rand_attn = rand_attn[self.first_head: self.first_head + self.heads]
             out = attention(q, k, v, block_size=block_size, num_random_blocks=num_random_blocks, rand_attn=rand_attn,
                             key_padding_mask=mask, softmax_scale=scale)
         else:
@@ -207,10 +211,11 @@ class LayerPrompts(nn.Module):
         self.prompt_trans = nn.Sequential(Linear(d, mid, True, "gelu", **factory), nn.Identity(),
                                           Linear(mid, layers * 2 * d, True, **factory))
         self.layers, self.heads, self.dropout = layers, heads, config.dropout
+        self.tp, self.kept = None, slice(None)  # tensor parallelism: the rank's heads
 
     def forward(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        prompt = self.prompt_trans(self.prompt_embedding.weight)
-        prompt = prompt.view(prompt.shape[0], self.layers, 2, self.heads, -1)
+        prompt = copy_in(self.tp, self.prompt_trans(self.prompt_embedding.weight))
+        prompt = prompt.view(prompt.shape[0], self.layers, 2, self.heads, -1)[:, :, :, self.kept]
         prompt = F.dropout(prompt, self.dropout, self.training)
         return [(prompt[:, i, 0], prompt[:, i, 1]) for i in range(self.layers)]
 
@@ -287,6 +292,7 @@ class EncoderDecoderLM(nn.Module):
     cross-attention keys computed once."""
 
     config: Seq2SeqConfig
+    tp: TensorParallel | None = None  # set when sharded (tritium.models.load(..., tp=True))
 
     def finish_init(self) -> None:
         self.attn_implementation = "tritium"
@@ -375,7 +381,7 @@ class EncoderDecoderLM(nn.Module):
         if labels is None:
             return Seq2SeqLMOutput(self.head(x))
         weight, bias = self.head_parameters()
-        loss = lm_loss(self.attn_implementation, x, weight, labels, bias=bias)
+        loss = lm_loss(self.attn_implementation, x, weight, labels, bias=bias, tp=self.tp)
         return Seq2SeqLMOutput(self.head(x) if return_logits else None, loss)
 
     def start_token_id(self) -> int:
@@ -401,10 +407,9 @@ class EncoderDecoderLM(nn.Module):
         check_length("1 + max_new_tokens", 1 + max_new_tokens, self.config.max_position_embeddings)
         encoded = expand(self.encode(input_ids, attention_mask), beams)
         memory = self.memory(encoded, expand(attention_mask, beams))
-        rows, c = encoded.shape[0], self.config
+        rows, attention = encoded.shape[0], self.decoder_stack.layers[0].self_attn  # this rank's heads under TP
         cache = StaticCache(len(self.decoder_stack.layers), rows, self.prompt_rows() + 1 + max_new_tokens,
-                            c.decoder_attention_heads, c.d_model // c.decoder_attention_heads, dtype=self.dtype,
-                            device=self.device)
+                            attention.heads, attention.head_dim, dtype=self.dtype, device=self.device)
         for i, ((k, v), _) in enumerate(self.decoder_stack.prompts() or []):  # the self-attention prompts
             cache.keys[i][:, : len(k)], cache.values[i][:, : len(v)] = k, v
         cache.advance(self.prompt_rows())
@@ -450,7 +455,7 @@ class BartLM(EncoderDecoderLM):
         return self.model.decoder
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(x) + self.final_logits_bias.to(x.dtype)
+        return gather_vocab(self.tp, self.lm_head(x) + self.final_logits_bias.to(x.dtype))
 
     def head_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.lm_head.weight, self.final_logits_bias.reshape(-1)
