@@ -25,6 +25,7 @@ import inspect
 import torch
 from torch import nn
 
+from tritium.hf import parallel
 from tritium.kernels.loss import linear_cross_entropy
 
 # The LM forwards the wrapper is written for (transformers 5.17 names the cache
@@ -64,10 +65,12 @@ def causal_lm_forward(model: nn.Module, original, *args, **kwargs):
     arguments.pop("logits_to_keep", None)
     items = arguments.get("num_items_in_batch")
     hidden, rest = _base_outputs(model, arguments)
-    loss = linear_cross_entropy(hidden, model.lm_head.weight, labels if shift_labels is None else shift_labels,
-                                bias=model.lm_head.bias, softcap=getattr(model.config, "final_logit_softcapping",
-                                                                         None) or 0.0,
-                                shift=shift_labels is None, reduction="mean" if items is None else "sum")
+    head = dict(weight=model.lm_head.weight, bias=model.lm_head.bias)
+    if parallel.is_sharded(head["weight"]):  # tp_plan: this rank's vocabulary rows, the slices merged
+        head.update(parallel.vocab_shard(head["weight"], model.config.vocab_size))
+    loss = linear_cross_entropy(hidden, labels=labels if shift_labels is None else shift_labels,
+                                softcap=getattr(model.config, "final_logit_softcapping", None) or 0.0,
+                                shift=shift_labels is None, reduction="mean" if items is None else "sum", **head)
     if items is not None:
         loss = loss / (items.to(loss.device) if torch.is_tensor(items) else items)
     return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
@@ -98,6 +101,10 @@ def patch_causal_lm(model: nn.Module, set_forward) -> None:
     from tritium.hf import compat
 
     compat.check_forward(type(model), CAUSAL_LM_PARAMETERS)
+    if parallel.is_sharded(model.lm_head.weight):
+        if model.lm_head.bias is not None:
+            raise ValueError("lm_head: a bias under tensor parallelism is not supported by the fused loss")
+        parallel.vocab_shard(model.lm_head.weight, model.config.vocab_size)  # refuse another layout now
     set_forward(model, functools.partial(causal_lm_forward, model, type(model).forward.__get__(model)))
 
 

@@ -24,13 +24,14 @@ nothing (a refusal leaves the model as it was), and `revert` restores it exactly
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from functools import partial
 
 import torch
 from torch import nn
 
-from tritium.hf import compat, loss, rotary, seq2seq
+from tritium.hf import compat, loss, parallel, rotary, seq2seq
 from tritium.hf.attention import NAME
 from tritium.kernels.mlp import gated_mlp, linear
 from tritium.kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight
@@ -39,6 +40,8 @@ from tritium.kernels.norm import layer_norm, rms_norm
 from tritium.models.mlp import activation_from_hf
 
 _ABSENT = object()
+GLM4_SPLIT_MLP = ("GLM-4's tp_plan splits the packed gate_up_proj by rows and gathers its output, so no rank holds "
+                  "matching gate and up features for the fused kernel")
 # The attribute holding, on the module a patch was applied through, the undo functions of
 # its patches in patch order. On the module itself (not in a global table) so a model
 # dropped without revert is freed: its undo closures only form a cycle with it.
@@ -155,6 +158,8 @@ def _fused_gate_up_mlp(module, activation, x):
 
 
 def _split_gate_up_mlp(module, activation, x):
+    if parallel.is_sharded(module.down_proj.weight):  # transformers' tp_plan: this rank's features
+        return parallel.gated_mlp_shards(module, activation, x)
     # Gemma 2 keeps gate_proj and up_proj apart: gated_mlp reads the pair in place.
     return gated_mlp(x, (module.gate_proj.weight, module.up_proj.weight), module.down_proj.weight, activation)
 
@@ -224,11 +229,28 @@ def _patch_fc_activation(model: nn.Module, owner_type: type, linear_attr: str, a
             _set(model, module, act_attr, nn.Identity())
 
 
-def _patch_forwards(model: nn.Module, module_type: type, forward, *args, dense_only: bool = False) -> None:
-    """dense_only: skip modules holding 4-bit Linear layers (for forwards that read weights)."""
+def _patch_forwards(model: nn.Module, module_type: type, forward, *args, dense_only: bool = False,
+                    unsplit_only: str | None = None) -> None:
+    """dense_only: skip modules holding 4-bit Linear layers (for forwards that read weights).
+    unsplit_only: skip modules whose parameters tensor parallelism split, saying once why."""
+    split = 0
     for module in model.modules():
-        if isinstance(module, module_type) and (not dense_only or _dense(module)):
-            _set(model, module, "forward", partial(forward, module, *args))
+        if not isinstance(module, module_type) or (dense_only and not _dense(module)):
+            continue
+        if unsplit_only and any(parallel.is_sharded(p) for p in module.parameters()):
+            split += 1
+            continue
+        _set(model, module, "forward", partial(forward, module, *args))
+    if split:
+        warnings.warn(f"{module_type.__name__}: {split} modules split by tensor parallelism stay transformers' "
+                      f"({unsplit_only})", stacklevel=4)
+
+
+def _check_split_mlps(model: nn.Module, module_type: type, names: tuple[str, ...]) -> None:
+    """Refuse, before patching, a tensor-parallel MLP layout the local kernel cannot run."""
+    for module in model.modules():
+        if isinstance(module, module_type) and parallel.is_sharded(module.down_proj.weight):
+            parallel.check_gated_mlp(module, names)
 
 
 def _patch_rotary(model: nn.Module, modeling, attention_type: type, interleaved: bool) -> None:
@@ -281,6 +303,7 @@ def apply_tritium_to_gemma2(model: nn.Module, *, attention: bool = True, norms: 
     if norms:
         _patch_forwards(model, modeling.Gemma2RMSNorm, _gemma_rms_norm)
     if mlp:
+        _check_split_mlps(model, modeling.Gemma2MLP, ("gate_proj", "up_proj"))
         _patch_forwards(model, modeling.Gemma2MLP, _split_gate_up_mlp,
                         activation_from_hf(model.config.hidden_activation), dense_only=True)
     if loss and isinstance(model, modeling.Gemma2ForCausalLM):
@@ -306,7 +329,7 @@ def apply_tritium_to_glm4(model: nn.Module, *, attention: bool = True, norms: bo
         _patch_forwards(model, modeling.Glm4RMSNorm, _llama_rms_norm)
     if mlp:
         _patch_forwards(model, modeling.Glm4MLP, _fused_gate_up_mlp, activation_from_hf(model.config.hidden_act),
-                        dense_only=True)
+                        dense_only=True, unsplit_only=GLM4_SPLIT_MLP)
     if loss and isinstance(model, modeling.Glm4ForCausalLM):
         _patch_loss(model)
     return model

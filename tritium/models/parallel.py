@@ -148,19 +148,21 @@ def _recording(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
-def copy_in(tp: TensorParallel | None, x: torch.Tensor) -> torch.Tensor:
-    """x, the replicated input of a column-parallel block: its gradient summed over ranks."""
-    return _CopyIn.apply(x, tp.group) if tp is not None and _recording(x) else x
+def copy_in(group, x: torch.Tensor) -> torch.Tensor:
+    """x, the replicated input of a column-parallel block of the ranks of `group` (None: no
+    tensor parallelism): its gradient summed over them."""
+    return _CopyIn.apply(x, group) if group is not None and _recording(x) else x
 
 
-def reduce_sum(tp: TensorParallel | None, x: torch.Tensor) -> torch.Tensor:
-    """The sum over ranks of x (a row-parallel projection's partial output); in place when
-    no gradient is recorded (capturable in a CUDA graph: NCCL's all-reduce is)."""
-    if tp is None:
+def reduce_sum(group, x: torch.Tensor) -> torch.Tensor:
+    """The sum over the ranks of `group` (None: x itself) of x, a row-parallel projection's
+    partial output; in place when no gradient is recorded (capturable in a CUDA graph:
+    NCCL's all-reduce is)."""
+    if group is None:
         return x
     if _recording(x):
-        return _ReduceSum.apply(x, tp.group)
-    dist.all_reduce(x, group=tp.group)
+        return _ReduceSum.apply(x, group)
+    dist.all_reduce(x, group=group)
     return x
 
 
@@ -208,4 +210,4 @@ class VocabParallelEmbedding(nn.Embedding):
         local = ids - self.tp.vocab_start
         inside = (local >= 0) & (local < self.tp.vocab_valid)
         out = F.embedding(torch.where(inside, local, 0), self.weight, self.padding_idx)
-        return reduce_sum(self.tp, out * inside[..., None].to(out.dtype))
+        return reduce_sum(self.tp.group, out * inside[..., None].to(out.dtype))

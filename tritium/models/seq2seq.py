@@ -211,10 +211,10 @@ class LayerPrompts(nn.Module):
         self.prompt_trans = nn.Sequential(Linear(d, mid, True, "gelu", **factory), nn.Identity(),
                                           Linear(mid, layers * 2 * d, True, **factory))
         self.layers, self.heads, self.dropout = layers, heads, config.dropout
-        self.tp, self.kept = None, slice(None)  # tensor parallelism: the rank's heads
+        self.group, self.kept = None, slice(None)  # tensor parallelism: its group, the rank's heads
 
     def forward(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        prompt = copy_in(self.tp, self.prompt_trans(self.prompt_embedding.weight))
+        prompt = copy_in(self.group, self.prompt_trans(self.prompt_embedding.weight))
         prompt = prompt.view(prompt.shape[0], self.layers, 2, self.heads, -1)[:, :, :, self.kept]
         prompt = F.dropout(prompt, self.dropout, self.training)
         return [(prompt[:, i, 0], prompt[:, i, 1]) for i in range(self.layers)]

@@ -80,7 +80,7 @@ def shard(model: nn.Module, tp: TensorParallel) -> dict[str, Slice | None]:
         elif isinstance(module, LayerPrompts):
             attention_heads = module.heads
             start, stop, _ = head_split(attention_heads, attention_heads, tp.world, tp.rank)
-            module.tp, module.kept = tp, slice(start, stop)
+            module.group, module.kept = tp.group, slice(start, stop)
     _vocabulary(model, tp, plan)
     for module in model.modules():
         if isinstance(module, WITH_HEADS):  # their heads gather the logits, their losses merge the slices
@@ -123,11 +123,11 @@ def _row(linear: nn.Module, key: str, columns: tuple, tp: TensorParallel, plan: 
 
 
 def _reduce_output(module: nn.Module, tp: TensorParallel) -> None:
-    module.register_forward_hook(lambda _module, _args, out: reduce_sum(tp, out))
+    module.register_forward_hook(lambda _module, _args, out: reduce_sum(tp.group, out))
 
 
 def _copy_input(module: nn.Module, tp: TensorParallel) -> None:
-    module.register_forward_pre_hook(lambda _module, args: (copy_in(tp, args[0]), *args[1:]))
+    module.register_forward_pre_hook(lambda _module, args: (copy_in(tp.group, args[0]), *args[1:]))
 
 
 def _head_rows(heads, head_dim: int) -> tuple:
