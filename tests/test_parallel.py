@@ -9,14 +9,20 @@ row-parallel projections. Each rank must give one process's logits, generation (
 every step's logits), loss and, for each parameter, its part of the gradient (float32:
 summation order only, 1e-4 of scale)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from distributed import run_ranks
+from safetensors.torch import load_file
 from test_hf import DECODER, assert_logits_close, padded_batch
-from test_models_seq2seq import MVP, mvp_encoder_prompts, source_batch
+from test_models import word_tokenizer
+from test_models_seq2seq import mvp_encoder_prompts, source_batch
 from transformers import Gemma2Config, Gemma2ForCausalLM, Glm4Config, Glm4ForCausalLM
 
 import tritium.models
+import tritium.nf4
 from tritium.models import sharding
 from tritium.models.parallel import TensorParallel, head_split, split
 
@@ -107,12 +113,24 @@ def fsdp_batch() -> torch.Tensor:
     return torch.randint(3, 100, (WORLD, 9), generator=torch.Generator().manual_seed(5))
 
 
+def nf4_shard(folder) -> dict:
+    """Gemma 2 quantized at load under tensor parallelism: a layer's weight as this rank
+    holds it, dequantized, and the logits."""
+    model = tritium.models.load(folder, dtype=torch.float32, device="cpu", tp=True, quantization="nf4")
+    torch.manual_seed(0)  # run()'s batch
+    ids, mask = padded_batch(seqlen=9)
+    with torch.no_grad():
+        logits = model(ids, mask).logits
+    return {"q_proj": tritium.nf4.dequantize(model.model.layers[0].self_attn.q_proj.quantized), "logits": logits}
+
+
 def worker(rank: int, world: int, folders: dict) -> dict:
     results = {}
     for name, folder in folders.items():
         model = tritium.models.load(folder, dtype=torch.float32, device="cpu", tp=True)
         results[name] = run(name, model)
     results["fsdp"] = fsdp_step(rank, world, folders["gemma2"])
+    results["nf4"] = nf4_shard(folders["gemma2"])
     return results
 
 
@@ -128,7 +146,7 @@ def ranks(tmp_path_factory):
 
 
 def assert_part_close(name, got, whole, part):
-    expected = whole if part is None else part.take(lambda a, b: whole[part.index(a, b)])
+    expected = whole if part is None else part.take(whole)
     assert got.shape == expected.shape, name
     assert (got - expected).abs().max() <= 1e-4 * whole.abs().max(), name
 
@@ -163,3 +181,63 @@ def test_fsdp2_training_step(ranks):
     for name, p in single.named_parameters():
         for result in results:
             assert_part_close(name, result["fsdp"][name], p.grad, None)
+
+
+def test_nf4_quantized_per_shard(ranks):
+    """Each rank quantizes its own rows: bitsandbytes' NF4 of that slice of the float
+    weight, bit for bit; the logits are as far from the float model's as one process's
+    NF4 model is (its blocks span other rows and columns, so the two differ)."""
+    folders, results = ranks
+    weight = load_file(folders["gemma2"] / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    rows = weight.shape[0] // WORLD
+    for rank, result in enumerate(r["nf4"] for r in results):
+        mine = weight[rank * rows: (rank + 1) * rows]
+        assert torch.equal(result["q_proj"], tritium.nf4.dequantize(tritium.nf4.quantize(mine)))
+    assert torch.equal(results[0]["nf4"]["logits"], results[1]["nf4"]["logits"])
+    single = tritium.models.load(folders["gemma2"], dtype=torch.float32, device="cpu", quantization="nf4")
+    torch.manual_seed(0)
+    ids, mask = padded_batch(seqlen=9)
+    with torch.no_grad():
+        one = single(ids, mask).logits
+    dense = results[0]["gemma2"]["logits"]
+    assert (results[0]["nf4"]["logits"] - dense).abs().max() <= 1.5 * (one - dense).abs().max()
+
+
+def test_generate_command_tp(ranks, tmp_path):
+    """`tritium generate --tp 2` starts two processes through torchrun and prints, once,
+    the tokens of one process."""
+    folders, _ = ranks
+    folder = tmp_path / "glm4"
+    folder.mkdir()
+    for path in folders["glm4"].iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    word_tokenizer(folder)
+    run = subprocess.run([sys.executable, "-m", "tritium.cli", "generate", str(folder), "w5 w6 w7",
+                          "--max-new-tokens", "3", "--dtype", "float32", "--device", "cpu", "--tp", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    model = tritium.models.load(folder, dtype=torch.float32, device="cpu")
+    expected = model.generate(torch.tensor([[1, 5, 6, 7]]), 3)[0, 4:].tolist()
+    assert run.stdout.count("w5 w6 w7") == 1
+    assert run.stdout.strip() == "w5 w6 w7 " + " ".join(f"w{i}" for i in expected if i >= 3)
+    assert "tensor-parallel over 2 processes" in run.stderr and run.stderr.count("decode:") == 1
+
+
+def test_sliced_reads(tmp_path):
+    """The checkpoint reader reads a rank's rows or columns (several runs of them, padded
+    with zero rows for a vocabulary slice), from safetensors and from pickle files alike."""
+    from safetensors.torch import save_file
+
+    from tritium.models.checkpoint import Reader
+    from tritium.models.sharding import Slice
+
+    w = torch.randn(10, 6)
+    save_file({"w": w}, tmp_path / "model.safetensors")
+    torch.save({"w": w}, tmp_path / "pytorch_model.bin")
+    slices = {"rows": Slice(0, ((8, 10),), size=4), "columns": Slice(1, ((0, 2), (4, 6)))}
+    expected = {"rows": torch.cat([w[8:], torch.zeros(2, 6)]), "columns": torch.cat([w[:, :2], w[:, 4:]], 1)}
+    for path in ("model.safetensors", "pytorch_model.bin"):
+        for name, part in slices.items():
+            reader = Reader([tmp_path / path], torch.device("cpu"))
+            (key, got), = reader.tensors({"w"}, {"w": part})
+            assert torch.equal(got, expected[name]), (path, name)

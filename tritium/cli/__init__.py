@@ -94,7 +94,7 @@ def _profile_command(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def _generate_command(args: argparse.Namespace, argv: list[str]) -> None:
-    generation.run(args, _choose_device(args, argv))
+    generation.run(args, _choose_device(args, argv), argv)
 
 
 def _import_cases():

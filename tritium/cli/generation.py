@@ -1,10 +1,16 @@
 """`tritium generate MODEL "prompt"`: load a checkpoint as a compact tritium model, stream
 the continuation as it is produced, then report the load, prefill, warm-up (compile and
-CUDA-graph capture) and decode times, decode tokens/s and the memory bandwidth reached."""
+CUDA-graph capture) and decode times, decode tokens/s and the memory bandwidth reached.
+
+`--tp N` splits the model over N processes (tensor parallelism): the command starts
+itself again under torchrun (torch.distributed.run) with N processes, one per GPU (gloo
+processes on the CPU); rank 0 prints."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +37,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     gen.add_argument("--revision", help="hub revision (branch, tag or commit)")
     gen.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly on CUDA")
+    gen.add_argument("--tp", type=int, default=1, metavar="N",
+                     help="tensor parallelism over N processes (GPUs), started through torchrun (default: 1)")
     return gen
 
 
@@ -45,7 +53,7 @@ class Clock:
     def tick(self) -> None:
         self.arrivals.append(time.perf_counter())
 
-    def report(self, model, batch: int, prompt: int) -> str:
+    def report(self, model, batch: int, prompt: int, processes: int = 1) -> str:
         """Prefill (to the first token), warm-up (the first decode step: kernel compiles and
         the CUDA-graph capture) and steady decode, with the bytes each decode step reads."""
         lines = [f"prefill: {1e3 * (self.arrivals[0] - self.start):.1f} ms for {prompt} tokens (with the first token)"]
@@ -57,7 +65,8 @@ class Clock:
             seconds = self.arrivals[-1] - self.arrivals[1]
             per_step = step_bytes(model, batch, prompt + 1 + steps / 2)
             lines.append(f"decode: {steps} steps in {seconds:.3f} s, {batch * steps / seconds:.1f} tokens/s, "
-                         f"{per_step * steps / seconds / 1e9:.1f} GB/s (weights + cache read per step)")
+                         f"{per_step * steps / seconds / 1e9:.1f} GB/s (weights + cache read per step"
+                         + (f", per process of {processes})" if processes > 1 else ")"))
         return "\n".join(lines)
 
 
@@ -70,27 +79,51 @@ def step_bytes(model, batch: int, cached: float) -> float:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
-    c = model.config
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.dtype.itemsize
+    c, kv_heads = model.config, model.model.layers[0].self_attn.kv_heads  # this rank's, under TP
+    kv = 2 * c.num_hidden_layers * kv_heads * c.head_dim * model.dtype.itemsize
     return total + batch * cached * kv
 
 
-def run(args: argparse.Namespace, device: str) -> None:
+def under_torchrun(processes: int, argv: list[str]) -> None:
+    """Run this command again as `processes` torchrun processes, unless this is one of them."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == processes:
+        return
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "tritium.cli", *argv]
+    threads = str(max(1, (os.cpu_count() or 1) // processes))  # torchrun's default of 1, said in a banner otherwise
+    env = {"OMP_NUM_THREADS": threads, **os.environ}
+    raise SystemExit(subprocess.run(command, check=False, env=env).returncode)
+
+
+def run(args: argparse.Namespace, device: str, argv: list[str]) -> None:
     import tritium.models
 
     if args.max_new_tokens < 1:
         args.error("--max-new-tokens must be at least 1")
+    if args.tp < 1:
+        args.error("--tp must be at least 1")
+    tp = args.tp > 1
+    if tp:
+        try:  # a missing tokenizer is said once, before N processes start
+            tritium.models.load_tokenizer(args.model, revision=args.revision)
+        except (ValueError, FileNotFoundError) as error:
+            raise SystemExit(f"tritium generate: {error}") from None
+        under_torchrun(args.tp, argv)
     loaded = time.perf_counter()
     try:
-        model = tritium.models.load(args.model, dtype=DTYPES[args.dtype], device=device,
-                                    attn_implementation=args.attn, quantization="nf4" if args.nf4 else None,
-                                    revision=args.revision)
+        model = tritium.models.load(args.model, dtype=DTYPES[args.dtype], device=None if tp and device == "cuda"
+                                    else device, attn_implementation=args.attn,
+                                    quantization="nf4" if args.nf4 else None, revision=args.revision, tp=tp)
         tokenizer = tritium.models.load_tokenizer(args.model, revision=args.revision)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"tritium generate: {error}") from None
+    shown = model.tp is None or model.tp.rank == 0  # every rank computes the same tokens; one prints
+    out = sys.stdout if shown else open(os.devnull, "w")  # noqa: SIM115 (closed at exit)
+    where = f"{model.device}" + (f", tensor-parallel over {args.tp} processes" if tp else "")
     print(f"loaded {args.model} ({model.config.model_type}, {args.dtype}{', nf4' if args.nf4 else ''}, "
-          f"attention {args.attn}) on {device} in {time.perf_counter() - loaded:.1f} s", file=sys.stderr)
-    ids = torch.tensor([tokenizer.encode(args.prompt)], device=device)
+          f"attention {args.attn}) on {where} in {time.perf_counter() - loaded:.1f} s", file=sys.stderr if shown
+          else out)
+    ids = torch.tensor([tokenizer.encode(args.prompt)], device=model.device)
     # The prompt as context: a tokenizer that drops a sequence's leading space keeps the
     # one between the prompt and the first new word.
     stream, clock = tokenizer.decode_stream(skip_special_tokens=True, context=ids[0].tolist()), Clock()
@@ -98,13 +131,15 @@ def run(args: argparse.Namespace, device: str) -> None:
     def show(tokens: torch.Tensor) -> None:
         token = int(tokens[0])  # a host sync: the clock sees the step done
         clock.tick()
-        print(stream.push(token), end="", flush=True)
+        print(stream.push(token), end="", flush=True, file=out)
 
-    print(args.prompt, end="", flush=True)
-    generator = torch.Generator(device=device).manual_seed(args.seed) if args.sample else None
+    print(args.prompt, end="", flush=True, file=out)
+    # The same seed on every rank: the ranks draw the same tokens.
+    generator = torch.Generator(device=model.device).manual_seed(args.seed) if args.sample else None
     model.generate(ids, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, generator=generator, streamer=show,
                    eos_token_id=tokenizer.eos_token_ids or None,
                    cuda_graph=False if args.no_cuda_graph else None)
-    print(stream.finish())
-    print(clock.report(model, 1, ids.shape[1]), file=sys.stderr)
+    print(stream.finish(), file=out)
+    if shown:
+        print(clock.report(model, 1, ids.shape[1], args.tp), file=sys.stderr)

@@ -88,7 +88,7 @@ class Reader:
             if str(path).endswith(".bin"):
                 for k in wanted:
                     t, part = self.pickled[self.where[k][1]], slices.get(k)
-                    yield k, (t if part is None else part.take(lambda a, b: t[part.index(a, b)])).to(self.device)
+                    yield k, (t if part is None else part.take(t)).to(self.device)
                 continue
             device = "cpu" if self.device.type == "cpu" else str(self.device)
             with safe_open(str(path), framework="pt", device=device) as f:
@@ -97,7 +97,7 @@ class Reader:
                     if part is None:
                         yield k, f.get_tensor(name)
                     else:  # the rows or columns of this rank only
-                        yield k, part.take(lambda a, b: f.get_slice(name)[part.index(a, b)])
+                        yield k, part.take(f.get_slice(name))
 
 
 def nf4_keys(shapes: dict) -> set[str]:

@@ -18,8 +18,8 @@ from tritium.models.generate import Session, check_length, decode_step, expand, 
 from tritium.models.loss import lm_loss
 from tritium.models.mlp import GatedMLP, Linear
 from tritium.models.nf4_linear import NF4Linear
-from tritium.models.parallel import TensorParallel, gather_vocab
 from tritium.models.norms import RMSNorm
+from tritium.models.parallel import TensorParallel, gather_vocab
 from tritium.models.rotary import RotaryEmbedding
 
 

@@ -26,6 +26,9 @@ from torch import nn
 
 from tritium.runtime import cdiv
 
+# torch >= 2.12 renames all_gather_into_tensor (and warns under the old name).
+ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -169,7 +172,7 @@ def reduce_sum(group, x: torch.Tensor) -> torch.Tensor:
 def _gather(local: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     local = local.contiguous()
     parts = local.new_empty(tp.world * local.shape[0], *local.shape[1:])  # the ranks' slices stacked on dim 0
-    dist.all_gather_into_tensor(parts, local, group=tp.group)
+    ALL_GATHER(parts, local, group=tp.group)
     return parts.view(tp.world, *local.shape).movedim(0, -2).reshape(*local.shape[:-1], -1)[..., : tp.vocab_size]
 
 

@@ -49,9 +49,10 @@ class Slice:
     ranges: tuple[tuple[int, int], ...]
     size: int | None = None
 
-    def take(self, part) -> torch.Tensor:
-        """part(start, stop): the tensor's indices start:stop along dim (a sliced read)."""
-        pieces = [part(a, b) for a, b in self.ranges]
+    def take(self, source) -> torch.Tensor:
+        """This part of `source`: a tensor, or a safetensors slice (whose indexing reads
+        only the indexed part from the file)."""
+        pieces = [source[self.index(a, b)] for a, b in self.ranges]
         t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, self.dim)
         missing = (self.size or 0) - t.shape[self.dim]
         if missing > 0:
