@@ -1,6 +1,7 @@
 """`python -m benchmarks run` measures suites and writes a report, failing when a tritium
-row fails accuracy; `report` rebuilds the report from one or more results.json; `compare`
-gates a run against a baseline.
+row fails accuracy; `tp` measures tensor-parallel decode (torchrun jobs, benchmarks/tp.py);
+`report` rebuilds the report from one or more results.json; `compare` gates a run against
+a baseline.
 
 Only torch is imported before the device is known: without CUDA, TRITON_INTERPRET=1 must
 be set before triton or tritium is first imported, because Triton chooses between the
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import accuracy, compare, results
+from benchmarks import accuracy, compare, results, tp
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="results.json files written by `run` (or their folders); a later file's rows "
                               "replace an earlier one's for the same (kernel, backend, mode, case)")
     rebuild.add_argument("--out", type=Path, help="output folder (default: the folder of the only results.json)")
+    tp.add_parser(commands)
     gate = commands.add_parser("compare", help="compare two runs case by case; exit status 1 on a regression")
     gate.add_argument("new", type=Path, help="results.json (or its folder) of the run under test")
     gate.add_argument("baseline", type=Path, help="results.json (or its folder) to compare against")
@@ -130,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         return _compare(parser, args)
     if args.command == "run":
         return _run(parser, args, argv)
+    if args.command == "tp":
+        device = _choose_device(parser, args.device)
+        print(f"wrote {tp.launch(parser, args, argv, device) / 'README.md'}")
+        return 0
     print(f"wrote {Path(_report(parser, args)) / 'README.md'}")
     return 0
 

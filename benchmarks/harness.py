@@ -52,7 +52,7 @@ def _run_case(op: Operator, case: Case, mode: str, opts: RunOptions) -> list[dic
     try:
         inputs = op.inputs(case, opts.device)
     except SKIPPED as exc:
-        return [_skipped(_new_row(op, backend, case, mode, opts), exc, opts) for backend in op.backends]
+        return [_skipped(new_row(op, backend, case, mode, opts), exc, opts) for backend in op.backends]
     if mode == "fwd+bwd":
         for name in op.grad_inputs:
             inputs[name].requires_grad_()
@@ -66,12 +66,12 @@ def _run_case(op: Operator, case: Case, mode: str, opts: RunOptions) -> list[dic
 
 
 def _measure(op, backend, case, mode, inputs, opts) -> dict:
-    row = _new_row(op, backend, case, mode, opts)
+    row = new_row(op, backend, case, mode, opts)
     try:
         forward = backend.setup(case, inputs)
         step, grad_out = mode_step(forward, mode, [inputs[n] for n in op.grad_inputs])
         row["ms_p20"], row["ms_p50"], row["ms_p80"] = timing.time_quantiles(step, opts.device)
-        _add_throughput(row, opts.peaks)
+        add_throughput(row, opts.peaks)
         # One more call, untimed: the outputs whose error is checked, and on CUDA the peak memory.
         if opts.device == "cuda":
             outputs = _peak_memory(step, row)
@@ -119,7 +119,7 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".strip()
 
 
-def _new_row(op, backend, case, mode, opts) -> dict:
+def new_row(op, backend, case, mode, opts) -> dict:
     reproduce = f"python -m benchmarks run --suite {op.suite} --filter {case.name} --mode {mode}"
     reproduce += " --device cpu" * (opts.device == "cpu") + " --quick" * opts.quick
     return {
@@ -135,7 +135,7 @@ def _new_row(op, backend, case, mode, opts) -> dict:
     }
 
 
-def _add_throughput(row: dict, peaks: dict) -> None:
+def add_throughput(row: dict, peaks: dict) -> None:
     seconds = row["ms_p50"] * 1e-3
     row["tflops"] = row["flops"] / seconds / 1e12
     row["gbps"] = row["bytes"] / seconds / 1e9

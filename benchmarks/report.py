@@ -160,6 +160,8 @@ def _cell(row: dict) -> str:
     pct = row[f"{metric}_pct_peak"]
     pct_text = "n/a" if pct is None else f"{pct:.0f}%"
     text = f"{number(row['ms_p50'], ' ms')}<br>{number(row[metric])} {unit} ({pct_text})<br>{_ratio(row['speedup'])}"
+    if row.get("collective_ms") is not None:  # tensor-parallel rows: the step's time in collectives
+        text += f"<br>collectives {number(row['collective_ms'], ' ms')} ({100 * row['collective_ms'] / row['ms_p50']:.0f}%)"
     if row.get("peak_memory_gib") is not None:  # measured on CUDA only; older results lack it
         text += f"<br>{number(row['peak_memory_gib'], ' GiB')} peak"
     if row.get("accuracy_failed"):

@@ -109,6 +109,22 @@ def test_models_suite_runs_every_operator_on_cpu(tmp_path, monkeypatch):
     assert rows["models_seq2seq_generate", "hf"]["is_baseline"]
 
 
+def test_tensor_parallel_decode_rows_on_cpu(tmp_path):
+    """`benchmarks tp`: one torchrun job per degree (gloo processes here), tritium and
+    transformers (tp_plan="auto") at TP 1 and 2 on the same random weights: every row timed,
+    the collectives' time of the split ones measured, every logits within float32 rounding
+    of tritium-tp1's; a degree with too few GPUs would be a skipped row."""
+    assert main(["tp", "--device", "cpu", "--tp", "1,2", "--quick", "--hf", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path)
+    assert set(rows) == {("models_decode_tp", f"{kind}-tp{n}") for kind in ("tritium", "hf") for n in (1, 2)}
+    for (_, backend), row in rows.items():
+        assert row["ms_p50"] > 0 and row["x"] == 1 and row["config"]["tokens"] == 32, row
+        assert (row["collective_ms"] > 0) == backend.endswith("tp2"), row
+        assert float(row["note"].split("within ")[1].split(" ")[0]) < 1e-5, row
+    assert rows["models_decode_tp", "tritium-tp1"]["is_baseline"]
+    assert "collectives" in (tmp_path / "README.md").read_text()
+
+
 def test_models_suite_without_transformers_times_tritium(tmp_path, monkeypatch):
     """The base install: the compact model needs no transformers, so tritium is timed; its
     float64 reference and every transformers row say what to install."""
@@ -154,7 +170,7 @@ def test_models_suite_tiny_cases_on_cuda():
     ops = {op.name: op for op in operators("models")}
     rows = {}
     for kernel, nf4 in (("models_decode", False), ("models_decode_nf4", True)):
-        case = models._case("glm-4-tiny", "decode", 2, nf4)
+        case = models.model_case("glm-4-tiny", "decode", 2, nf4)
         rows.update({(kernel, r["backend"]): r for r in harness._run_case(ops[kernel], case, "decode", opts)})
     for key in (("models_decode", "tritium"), ("models_decode", "hf-static-compiled"), ("models_decode_nf4", "tritium")):
         assert rows[key]["accuracy_failed"] is False and rows[key]["peak_memory_gib"] > 0, rows[key]

@@ -82,7 +82,7 @@ def run(name: str, model) -> dict:
         result["valid"] = mask
         batch = dict(input_ids=ids, attention_mask=mask.flip(1), labels=ids.masked_fill(mask.flip(1) == 0, -100))
     with torch.no_grad():
-        generated = model.generate(ids, 4, attention_mask=mask, return_logits=True)
+        generated = model.generate(ids, 3, attention_mask=mask, return_logits=True)
     result["tokens"], result["steps"] = generated.sequences, generated.logits
     model.train()
     loss = model(**batch).loss

@@ -127,7 +127,7 @@ CPU = {("prefill", False): ("gemma-2-tiny", 32), ("decode", False): ("glm-4-tiny
 # ----------------------------------------------------------------------------- cases
 
 
-def _case(model: str, kind: str, x: int, nf4_weights: bool) -> Case:
+def model_case(model: str, kind: str, x: int, nf4_weights: bool) -> Case:
     raw = SHAPES[model]
     tiny = model in TINY
     tokens, batch = (x, 1) if kind == "prefill" else (CPU_CONTEXT if tiny else DECODE_CONTEXT, x)
@@ -144,12 +144,12 @@ def _cases(kind: str, nf4_weights: bool) -> Callable[[str, bool], list[Case]]:
     def cases(device: str, quick: bool) -> list[Case]:
         if device == "cpu":
             chosen = CPU[kind, nf4_weights]
-            return [] if chosen is None else [_case(chosen[0], kind, chosen[1], nf4_weights)]
+            return [] if chosen is None else [model_case(chosen[0], kind, chosen[1], nf4_weights)]
         if quick:
-            return [_case(model, kind, x, nf4_weights) for model, x in QUICK[kind, nf4_weights]]
+            return [model_case(model, kind, x, nf4_weights) for model, x in QUICK[kind, nf4_weights]]
         if kind == "decode":
-            return [_case(model, kind, b, nf4_weights) for model in MODELS for b in DECODE_BATCHES]
-        return [_case(model, kind, s, nf4_weights) for model, raw in MODELS.items() for s in PREFILL_SEQLENS
+            return [model_case(model, kind, b, nf4_weights) for model in MODELS for b in DECODE_BATCHES]
+        return [model_case(model, kind, s, nf4_weights) for model, raw in MODELS.items() for s in PREFILL_SEQLENS
                 if s <= raw["max_position_embeddings"]]
 
     return cases
@@ -183,7 +183,7 @@ def _pairs(c, layer: int, start: int, queries: int) -> int:
     return upto(start + queries) - upto(start)
 
 
-def _flops(case: Case, mode: str) -> float:
+def model_flops(case: Case, mode: str) -> float:
     """GEMM flops of the layers and of the kept logits, plus attention over every visible
     (query, key) pair."""
     c, p = _config(case), case.params
@@ -195,7 +195,7 @@ def _flops(case: Case, mode: str) -> float:
     return p["batch"] * (gemms + attention + logits)
 
 
-def _nbytes(case: Case, mode: str) -> float:
+def model_bytes(case: Case, mode: str) -> float:
     """The layer weights (NF4: 4 bits and a float32 absmax per 64) and the LM head read
     once; in decode also the keys and values each layer attends to."""
     c, p = _config(case), case.params
@@ -444,28 +444,35 @@ def _tritium_prefill(kind: str):
     return setup
 
 
+def decode_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A compact decoder's decode step as generate runs it (replayed from a CUDA graph on
+    CUDA): the last token of ids (batch, context + 1) after the others, prefilled here; each
+    call rewinds the cache first, so every call computes the same step. Returns the
+    step's logits (batch, vocab)."""
+    batch, context = ids.shape[0], ids.shape[1] - 1
+    cache = model.new_cache(batch, context + 1)
+    with torch.no_grad():
+        model(ids[:, :-1], cache=cache, logits_to_keep=1)
+
+    def eager(tokens, positions):
+        return model(tokens, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
+
+    step = CapturedStep(eager, cache, batch, ids.device) if ids.is_cuda else eager
+    tokens, positions = ids[:, -1:], torch.full((batch, 1), context, device=ids.device)
+
+    def run():
+        # The step writes row `context` of the cache only: rewinding the length restores it.
+        cache.length = context
+        cache.lengths.fill_(context)
+        with torch.no_grad():
+            return step(tokens, positions)
+
+    return run
+
+
 def _tritium_decode(kind: str):
     def setup(case: Case, t: dict):
-        model, ids = t["models"].get(kind), t["ids"]
-        batch, context = ids.shape[0], ids.shape[1] - 1
-        cache = model.new_cache(batch, context + 1)
-        with torch.no_grad():
-            model(ids[:, :-1], cache=cache, logits_to_keep=1)
-
-        def eager(tokens, positions):
-            return model(tokens, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
-
-        step = CapturedStep(eager, cache, batch, ids.device) if ids.is_cuda else eager
-        tokens, positions = ids[:, -1:], torch.full((batch, 1), context, device=ids.device)
-
-        def run():
-            # The step writes row `context` of the cache only: rewinding the length restores it.
-            cache.length = context
-            cache.lengths.fill_(context)
-            with torch.no_grad():
-                return step(tokens, positions)
-
-        return run
+        return decode_step(t["models"].get(kind), t["ids"])
 
     return setup
 
@@ -484,24 +491,29 @@ def _hf_prefill(kind: str, implementation: str | None):
     return setup
 
 
+def hf_decode_step(model: nn.Module, ids: torch.Tensor, implementation: str | None) -> Callable[[], torch.Tensor]:
+    """transformers' decode step as its generate runs it by default (a DynamicCache), under
+    `implementation` (None: as built); as decode_step, each call computes the same step."""
+    from transformers import DynamicCache
+
+    _attention(model, implementation)
+    cache = {_cache_argument(model): DynamicCache(config=model.config)}
+    with torch.no_grad():
+        model(input_ids=ids[:, :-1], logits_to_keep=1, **cache)
+    saved = snapshot_cache(next(iter(cache.values())))
+
+    def run():
+        # Each step concatenates new tensors: putting the old ones back restores the cache.
+        restore_cache(next(iter(cache.values())), saved)
+        with torch.no_grad():
+            return model(input_ids=ids[:, -1:], **cache).logits[:, -1]
+
+    return run
+
+
 def _hf_decode(kind: str, implementation: str | None):
     def setup(case: Case, t: dict):
-        from transformers import DynamicCache
-
-        model, ids = t["models"].get(kind), t["ids"]
-        _attention(model, implementation)
-        cache = {_cache_argument(model): DynamicCache(config=model.config)}
-        with torch.no_grad():
-            model(input_ids=ids[:, :-1], logits_to_keep=1, **cache)
-        saved = snapshot_cache(next(iter(cache.values())))
-
-        def run():
-            # Each step concatenates new tensors: putting the old ones back restores the cache.
-            restore_cache(next(iter(cache.values())), saved)
-            with torch.no_grad():
-                return model(input_ids=ids[:, -1:], **cache).logits[:, -1]
-
-        return run
+        return hf_decode_step(t["models"].get(kind), t["ids"], implementation)
 
     return setup
 
@@ -551,7 +563,7 @@ def _operator(kind: str, nf4_weights: bool, backends: tuple[Backend, ...]) -> Op
     decode = kind == "decode"
     return Operator(name=f"models_{kind}" + "_nf4" * nf4_weights, suite=SUITE, modes=(kind,),
                     cases=_cases(kind, nf4_weights), inputs=_inputs, backends=backends,
-                    baseline={"cuda": baseline, "cpu": reference}, flops=_flops, nbytes=_nbytes,
+                    baseline={"cuda": baseline, "cpu": reference}, flops=model_flops, nbytes=model_bytes,
                     error=_error(nf4_weights), accuracy_reference=reference,
                     headline="gbps" if decode else "tflops", x_name="batch" if decode else "seqlen")
 
