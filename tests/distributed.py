@@ -31,6 +31,17 @@ def _main(rank: int, world: int, port: int, folder: str, worker, args) -> None:
         dist.destroy_process_group()
 
 
+def saved_checkpoints(tmp_path_factory, factories: dict, seed: int) -> dict:
+    """name -> a folder holding the transformers model factories[name]() built after
+    seeding with `seed` and saved with save_pretrained."""
+    folders = {}
+    for name, factory in factories.items():
+        torch.manual_seed(seed)
+        folders[name] = tmp_path_factory.mktemp(name)
+        factory().save_pretrained(folders[name])
+    return folders
+
+
 def run_ranks(worker, world: int, *args) -> list:
     """[worker(rank, world, *args) for each rank], run in `world` spawned processes."""
     with tempfile.TemporaryDirectory() as folder:

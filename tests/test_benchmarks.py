@@ -146,7 +146,8 @@ def test_models_suite_shapes_are_transformers_shapes():
     from tritium.bench import models
     from tritium.models import MODEL_TYPES
 
-    for name, raw in models.MODELS.items():
+    counts = {}
+    for name, raw in {**models.MODELS, **models.LARGE}.items():
         config_from_hf, model_class = MODEL_TYPES[raw["model_type"]]
         config = config_from_hf(raw)
         ours = model_class(config, dtype=torch.bfloat16, device="meta")
@@ -156,7 +157,9 @@ def test_models_suite_shapes_are_transformers_shapes():
         shapes = {key: tuple(t.shape) for key, t in models._shared_state(ours).items()}
         assert shapes == {key: tuple(t.shape) for key, t in theirs.state_dict().items()}, name
         assert getattr(hf_config, "layer_types", config.layer_types) == config.layer_types, name
-    assert sum(t.numel() for t in ours.parameters()) == pytest.approx(1.0e9, rel=0.01)  # Gemma 3 1B
+        counts[name] = sum(t.numel() for t in ours.parameters())
+    assert counts["gemma-3-1b"] == pytest.approx(1.0e9, rel=0.01)
+    assert counts["gemma-2-27b"] == pytest.approx(27.2e9, rel=0.01)
 
 
 @pytest.mark.gpu

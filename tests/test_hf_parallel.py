@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from distributed import run_ranks
+from distributed import run_ranks, saved_checkpoints
 from test_hf import assert_logits_close, gemma2, glm4, padded_batch
 
 import tritium.hf
@@ -25,6 +25,17 @@ def batch():
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
+def logits_and_training_step(model) -> tuple:
+    """The eval logits of batch(), then its training loss, backward done: (logits, output)."""
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    model.train()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    return logits, out
+
+
 def worker(rank: int, world: int, folders: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -34,28 +45,19 @@ def worker(rank: int, world: int, folders: dict) -> dict:
             warnings.simplefilter("always")
             model = AutoModelForCausalLM.from_pretrained(folder, tp_plan="auto", dtype=torch.float32).eval()
             tritium.hf.apply(model)
-        ids, mask, labels = batch()
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        model.train()
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        out.loss.backward()
+        logits, out = logits_and_training_step(model)
         # A split parameter's gradient is a DTensor (its placement transformers' choice): gathered whole.
         grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad, hasattr(p, "placements"))
                  for n, p in model.named_parameters()}
         fused_mlp = "forward" in vars(model.model.layers[0].mlp)  # apply shadowed transformers' forward
-        results[name] = dict(fused_mlp=fused_mlp, logits=logits, loss=out.loss.detach(), logits_in_training=out.logits, grads=grads,
-                             said=[str(w.message) for w in said])
+        results[name] = dict(fused_mlp=fused_mlp, logits=logits, loss=out.loss.detach(),
+                             logits_in_training=out.logits, grads=grads, said=[str(w.message) for w in said])
     return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    folders = {}
-    for name, factory in FAMILIES.items():
-        torch.manual_seed(1)
-        folders[name] = tmp_path_factory.mktemp(name)
-        factory().save_pretrained(folders[name])
+    folders = saved_checkpoints(tmp_path_factory, FAMILIES, seed=1)
     return folders, run_ranks(worker, WORLD, folders)
 
 
@@ -66,12 +68,8 @@ def test_apply_under_transformers_tensor_parallelism(ranks, family):
     folders, results = ranks
     hf = AutoModelForCausalLM.from_pretrained(folders[family], dtype=torch.float32).eval()
     hf.set_attn_implementation("eager")
-    ids, mask, labels = batch()
-    with torch.no_grad():
-        expected = hf(input_ids=ids, attention_mask=mask).logits
-    hf.train()
-    reference = hf(input_ids=ids, attention_mask=mask, labels=labels)
-    reference.loss.backward()
+    expected, reference = logits_and_training_step(hf)
+    mask = batch()[1]
     for result in (r[family] for r in results):
         assert_logits_close(expected, result["logits"], valid=mask)
         assert result["logits_in_training"] is None  # the fused loss ran

@@ -99,6 +99,14 @@ MODELS = {
                        query_pre_attn_scalar=256, sliding_window=512, rope_theta=1e6, rope_local_base_freq=10000.0,
                        max_position_embeddings=32768, pad_token_id=0),
 }
+# Beyond one GPU's comfort: the tensor-parallel decode's (benchmarks/tp.py) largest
+# (google/gemma-2-27b), not in this suite's single-GPU cases.
+LARGE = {
+    "gemma-2-27b": dict(model_type="gemma2", vocab_size=256000, hidden_size=4608, intermediate_size=36864,
+                        num_hidden_layers=46, num_attention_heads=32, num_key_value_heads=16, head_dim=128,
+                        query_pre_attn_scalar=144, sliding_window=4096, attn_logit_softcapping=50.0,
+                        final_logit_softcapping=30.0, max_position_embeddings=8192, pad_token_id=0),
+}
 # The CPU (interpreter) models: a sliding window shorter than the prompt, so it bites.
 _TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0)
@@ -110,7 +118,7 @@ TINY = {
     "gemma-3-tiny": dict(_TINY, model_type="gemma3_text", query_pre_attn_scalar=16, sliding_window=16,
                          layer_types=["sliding_attention", "full_attention"], rope_local_base_freq=10000.0),
 }
-SHAPES = {**MODELS, **TINY}
+SHAPES = {**MODELS, **LARGE, **TINY}
 HF_CLASSES = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "glm4": "Glm4ForCausalLM"}
 
 # (kind, nf4) -> the CUDA quick cases, (model, seqlen or batch): where the targets are set
