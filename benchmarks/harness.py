@@ -120,6 +120,8 @@ def _reason(exc: Exception) -> str:
 
 
 def new_row(op, backend, case, mode, opts) -> dict:
+    """A results row of (op, backend, case, mode), every field present, nothing measured
+    yet (benchmarks/tp.py fills its own the same way)."""
     reproduce = f"python -m benchmarks run --suite {op.suite} --filter {case.name} --mode {mode}"
     reproduce += " --device cpu" * (opts.device == "cpu") + " --quick" * opts.quick
     return {
@@ -136,6 +138,7 @@ def new_row(op, backend, case, mode, opts) -> dict:
 
 
 def add_throughput(row: dict, peaks: dict) -> None:
+    """TFLOP/s and GB/s of a timed row, and their % of the measured peaks."""
     seconds = row["ms_p50"] * 1e-3
     row["tflops"] = row["flops"] / seconds / 1e12
     row["gbps"] = row["bytes"] / seconds / 1e9

@@ -86,7 +86,10 @@ def step_bytes(model, batch: int, cached: float) -> float:
 
 def under_torchrun(processes: int, argv: list[str]) -> None:
     """Run this command again as `processes` torchrun processes, unless this is one of them."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == processes:
+    if "WORLD_SIZE" in os.environ:
+        if int(os.environ["WORLD_SIZE"]) != processes:
+            raise SystemExit(f"tritium generate: --tp {processes} inside a torchrun job of {os.environ['WORLD_SIZE']} "
+                             f"processes; give --tp {os.environ['WORLD_SIZE']}, or run it without torchrun")
         return
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                "-m", "tritium.cli", *argv]

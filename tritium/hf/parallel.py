@@ -72,10 +72,10 @@ def gated_mlp_shards(module: nn.Module, activation: str, x: torch.Tensor) -> tor
 def vocab_shard(weight, vocab_size: int) -> dict:
     """linear_cross_entropy's keywords for an LM head split by vocabulary rows: the local
     rows (torch.chunk's split, as DTensor's Shard(0)), their offset, the group."""
-    rows = local(weight, 0, "lm_head.weight")
-    group = group_of(weight)
-    start = torch.distributed.get_rank(group) * cdiv(vocab_size, torch.distributed.get_world_size(group))
-    if rows.shape[0] != max(0, min(vocab_size - start, cdiv(vocab_size, torch.distributed.get_world_size(group)))):
+    rows, group = local(weight, 0, "lm_head.weight"), group_of(weight)
+    per_rank = cdiv(vocab_size, torch.distributed.get_world_size(group))
+    start = torch.distributed.get_rank(group) * per_rank
+    if rows.shape[0] != max(0, min(vocab_size - start, per_rank)):
         raise ValueError(f"lm_head.weight: this rank holds {rows.shape[0]} vocabulary rows from {start}, not "
                          "torch.chunk's split of the vocabulary")
     return dict(weight=rows, process_group=group, vocab_start=start, vocab_size=vocab_size)

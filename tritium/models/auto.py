@@ -100,7 +100,8 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype = torch.bfloa
             setattr(config, key, generation[key])
     check_backend(attn_implementation, config.attn_softcap)
     group = parallel.process_group(tp, device_mesh)
-    device = torch.device(device) if device is not None else parallel.local_device() if group else default_device()
+    device = torch.device(device) if device is not None else (
+        parallel.local_device() if group is not None else default_device())
     renames = getattr(model_class, "CHECKPOINT_RENAMES", ())
     unused = getattr(model_class, "UNUSED_KEYS", ())
     if warm is not None:
