@@ -176,6 +176,11 @@ def test_bad_input_is_refused_by_name():
         (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
         (dict(softcap=-1.0), ValueError, "softcap"),
         (dict(shift=True), ValueError, "shift=True"),
+        (dict(vocab_start=3), ValueError, "only with process_group"),
+        (dict(process_group=object(), vocab_start=10, vocab_size=weight.shape[0] + 5), ValueError,
+         "must lie inside the vocabulary"),
+        (dict(process_group=object(), vocab_start=0), ValueError, "must lie inside the vocabulary"),
+        (dict(process_group=object(), vocab_start=1.0, vocab_size=1000), TypeError, "vocab_start"),
     ]
     for change, error, message in bad:
         args = dict(hidden=hidden, weight=weight, labels=labels)
