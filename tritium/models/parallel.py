@@ -16,6 +16,7 @@ loss merges the slices' statistics (tritium.linear_cross_entropy's process_group
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -115,7 +116,16 @@ def process_group(tp: bool, device_mesh=None):
         if torch.cuda.is_available():
             torch.cuda.set_device(local_device())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Left to interpreter teardown, gloo's worker threads free tensors after Python is
+        # gone and the process aborts (SIGABRT) now and then; the group made here is
+        # destroyed while Python is still whole.
+        atexit.register(_destroy_default_group)
     return dist.group.WORLD
+
+
+def _destroy_default_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class _CopyIn(torch.autograd.Function):
