@@ -11,6 +11,35 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+
+def _patch_language_once_per_launch() -> None:
+    """Under the interpreter, every call of a @triton.jit helper inside a kernel patches
+    triton.language again (an inspect.getmembers sweep, about a millisecond), though the
+    launch already did and restores it at its end: a third of an interpreted BigBird
+    forward. Helpers whose language modules the launch has patched skip it (the patch
+    would set the same values). Nothing but speed: a helper that still needed patching
+    would fail loudly on a raw builtin, not compute something else."""
+    from triton.language import core
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang", None)
+    if patch is None or not hasattr(interpreter, "_LangPatchScope"):
+        return  # another interpreter layout: tests run as they are, only slower
+
+    def patch_unless_patched(fn):
+        langs = [value for value in fn.__globals__.values() if value is core or value is triton.language]
+        if langs and not any(core.is_builtin(lang.program_id) for lang in langs):
+            return interpreter._LangPatchScope()  # restores nothing
+        return patch(fn)
+
+    interpreter._patch_lang = patch_unless_patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import triton.language
+
+    _patch_language_once_per_launch()
+
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 # bfloat16 is right under the interpreter too (test_bfloat16_interpreted.py runs it on
