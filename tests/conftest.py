@@ -19,7 +19,7 @@ def _patch_language_once_per_launch() -> None:
     forward. Helpers whose language modules the launch has patched skip it (the patch
     would set the same values). Nothing but speed: a helper that still needed patching
     would fail loudly on a raw builtin, not compute something else."""
-    from triton.language import core
+    import triton.language as tl
     from triton.runtime import interpreter
 
     patch = getattr(interpreter, "_patch_lang", None)
@@ -27,8 +27,8 @@ def _patch_language_once_per_launch() -> None:
         return  # another interpreter layout: tests run as they are, only slower
 
     def patch_unless_patched(fn):
-        langs = [value for value in fn.__globals__.values() if value is core or value is triton.language]
-        if langs and not any(core.is_builtin(lang.program_id) for lang in langs):
+        langs = [value for value in fn.__globals__.values() if value is tl or value is tl.core]
+        if langs and not any(tl.core.is_builtin(lang.program_id) for lang in langs):
             return interpreter._LangPatchScope()  # restores nothing
         return patch(fn)
 
@@ -36,8 +36,6 @@ def _patch_language_once_per_launch() -> None:
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    import triton.language
-
     _patch_language_once_per_launch()
 
 ON_GPU = torch.cuda.is_available()
