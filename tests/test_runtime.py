@@ -1,6 +1,9 @@
-"""tritium.runtime: custom ops whose plain eager calls skip torch's dispatcher, and the
-host-side integer helpers."""
+"""tritium.runtime: custom ops whose plain eager calls skip torch's dispatcher, the
+host-side integer helpers, and the interpreter's version check."""
 
+import importlib.metadata
+
+import numpy
 import pytest
 import torch
 import triton
@@ -72,3 +75,21 @@ def test_inference_skips_autograd_function(monkeypatch):
     monkeypatch.undo()
     y = tritium.rms_norm(x, w.requires_grad_(), 1e-6)
     assert y.grad_fn is not None and torch.equal(y.detach(), expected)
+
+
+def test_interpreter_and_numpy_versions(monkeypatch):
+    """Triton's interpreter before 3.7 with numpy 2.4 or newer fails inside every kernel with
+    a runtime loop bound: under TRITON_INTERPRET=1, importing tritium says so, with the fix."""
+    for triton_version, numpy_version in (("3.9.0", "2.4.6"), ("3.7.0", "2.4.0"), ("3.6.0", "2.3.5"),
+                                          ("3.10.1", "3.0.0")):
+        assert runtime.interpreter_problem(triton_version, numpy_version) is None
+    for triton_version, numpy_version in (("3.6.0", "2.4.6"), ("3.5.1+git8a1f0c2", "2.5.0rc1")):
+        problem = runtime.interpreter_problem(triton_version, numpy_version)
+        assert f"Triton {triton_version} cannot run tritium's kernels with numpy {numpy_version}" in problem
+        assert problem.endswith("install 'numpy<2.4' or 'triton>=3.7'")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: {"triton": "3.6.0"}[name])
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    with pytest.raises(ImportError, match=r"Triton 3.6.0 cannot run .* numpy 2.4.6"):
+        runtime._check_interpreter()
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    runtime._check_interpreter()

@@ -20,6 +20,41 @@ import torch
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton `triton_version`'s interpreter cannot run tritium's kernels beside numpy
+    `numpy_version`, or None. Before Triton 3.7 the interpreter turns a loop bound (a
+    one-element array) into an int with int(), which numpy 2.4 refuses: every kernel whose
+    loop bounds are computed at run time would fail with a TypeError from inside it."""
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"TRITON_INTERPRET=1: the interpreter of Triton {triton_version} cannot run tritium's kernels with "
+                f"numpy {numpy_version} (it converts loop bounds with int(), which numpy 2.4 refuses; Triton 3.7 "
+                "fixed it): install 'numpy<2.4' or 'triton>=3.7'")
+    return None
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def _check_interpreter() -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import numpy
+
+    try:
+        triton_version = version("triton")
+    except PackageNotFoundError:  # another distribution of it (pytorch-triton): not judged
+        return
+    problem = interpreter_problem(triton_version, numpy.__version__)
+    if problem:
+        raise ImportError(problem)
+
+
+if INTERPRETED:
+    _check_interpreter()  # one clear error here, not a TypeError from inside every kernel
+
+
 def interpreted() -> bool:
     """True when kernels run under the Triton interpreter (CPU tensors, slow, for testing)."""
     return INTERPRETED
