@@ -247,7 +247,7 @@ def worker(argv: list[str]) -> None:
         from benchmarks.results import write_atomic
 
         write_atomic(Path(args.json), json.dumps(measured))
-    dist.destroy_process_group()
+    parallel.exit_rank()
 
 
 if __name__ == "__main__":

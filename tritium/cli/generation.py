@@ -100,6 +100,7 @@ def under_torchrun(processes: int, argv: list[str]) -> None:
 
 def run(args: argparse.Namespace, device: str, argv: list[str]) -> None:
     import tritium.models
+    from tritium.models import parallel
 
     if args.max_new_tokens < 1:
         args.error("--max-new-tokens must be at least 1")
@@ -146,3 +147,5 @@ def run(args: argparse.Namespace, device: str, argv: list[str]) -> None:
     print(stream.finish(), file=out)
     if shown:
         print(clock.report(model, 1, ids.shape[1], args.tp), file=sys.stderr)
+    if tp:
+        parallel.exit_rank()

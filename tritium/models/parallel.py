@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -116,16 +117,27 @@ def process_group(tp: bool, device_mesh=None):
         if torch.cuda.is_available():
             torch.cuda.set_device(local_device())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        # Left to interpreter teardown, gloo's worker threads free tensors after Python is
-        # gone and the process aborts (SIGABRT) now and then; the group made here is
-        # destroyed while Python is still whole.
-        atexit.register(_destroy_default_group)
+        atexit.register(_destroy_default_group)  # torch asks for it before exit (NCCL warns otherwise)
     return dist.group.WORLD
 
 
 def _destroy_default_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_rank(code: int = 0) -> None:
+    """End this process of a torchrun job that is done: wait until every rank is (no
+    collective still in flight), destroy the default group, flush the output, and leave
+    without interpreter teardown. At teardown, c10d's and gloo's threads can still abort a
+    finished process ("terminate called without an active exception", SIGABRT; seen in CI
+    even with the group destroyed), and torchrun then reports the whole job failed."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class _CopyIn(torch.autograd.Function):
