@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tritium.models.parallel import exit_rank
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -27,8 +29,10 @@ def _main(rank: int, world: int, port: int, folder: str, worker, args) -> None:
     try:
         result = worker(rank, world, *args)
         torch.save(result, os.path.join(folder, f"{rank}.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise  # to mp.spawn, which reports it and ends the other ranks
+    exit_rank()  # as tritium's own ranks end: teardown could abort a rank that is done
 
 
 def saved_checkpoints(tmp_path_factory, factories: dict, seed: int) -> dict:
